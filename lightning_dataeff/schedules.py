@@ -1,0 +1,292 @@
+"""Pacing schedules: pure functions of the optimizer step.
+
+One vocabulary for curriculum difficulty and random-LTD kept tokens, with DeepSpeed's config names
+and semantics (``fixed_linear``, ``fixed_root``, ``fixed_discrete``, ``custom``) so users can bring
+their DeepSpeed configs. Where DeepSpeed's rounding would fall below the minimum (e.g. min 8,
+multiple 16 rounds to 0), ours returns the smallest multiple of the step that is >= the minimum
+(capped at the maximum), so a schedule never yields 0 or less than its minimum.
+
+This module imports nothing else from the project.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = [
+    "Schedule",
+    "FixedRoot",
+    "FixedLinear",
+    "FixedDiscrete",
+    "CustomSchedule",
+    "build_schedule",
+    "SCHEDULE_TYPES",
+]
+
+SCHEDULE_TYPES = ("fixed_linear", "fixed_root", "fixed_discrete", "custom")
+
+
+class Schedule:
+    """A pacing schedule: ``schedule(step) -> int`` value (a difficulty or a token count)."""
+
+    min_value: int
+    max_value: int
+
+    def __call__(self, step: int) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def end_step(self) -> int:
+        """First step at which the schedule has reached its final value."""
+        raise NotImplementedError
+
+
+def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()
+    ):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        try:
+            import numbers
+
+            if isinstance(step, numbers.Integral):
+                return int(step)
+        except Exception:  # pragma: no cover
+            pass
+        raise ValueError(f"step must be an integer, got {step!r}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return step
+
+
+@dataclass(frozen=True)
+class FixedRoot(Schedule):
+    """DeepSpeed's ``fixed_root`` pacing (``fixed_linear`` is ``root_degree=1``).
+
+    value(step) = floor((step / total_steps) ** (1 / root_degree) * (max - min) + min), rounded down
+    to a multiple of ``step_size``, capped at ``max_value``; never below ``min_value`` (see module doc).
+    """
+
+    min_value: int
+    max_value: int
+    total_steps: int
+    step_size: int = 8
+    root_degree: float = 1
+
+    def __post_init__(self) -> None:
+        _check_int("min_value", self.min_value, minimum=1)
+        _check_int("max_value", self.max_value, minimum=1)
+        if self.min_value > self.max_value:
+            raise ValueError(
+                f"min_value ({self.min_value}) must be <= max_value ({self.max_value})"
+            )
+        _check_int("total_steps", self.total_steps, minimum=1)
+        _check_int("step_size", self.step_size, minimum=1)
+        if isinstance(self.root_degree, bool) or not isinstance(self.root_degree, (int, float)) or not (
+            self.root_degree > 0 and math.isfinite(self.root_degree)
+        ):
+            raise ValueError(f"root_degree must be a positive number, got {self.root_degree!r}")
+
+    def _floor_value(self) -> int:
+        # Smallest multiple of step_size >= min_value, capped at max_value.
+        m = -(-self.min_value // self.step_size) * self.step_size
+        return min(m, self.max_value)
+
+    def __call__(self, step: int) -> int:
+        step = _check_step(step)
+        frac = (float(step) / self.total_steps) ** (1.0 / self.root_degree)
+        value = math.floor(frac * (self.max_value - self.min_value) + self.min_value)
+        value -= value % self.step_size
+        value = min(value, self.max_value)
+        if value < self.min_value:
+            value = self._floor_value()
+        return int(value)
+
+    def end_step(self) -> int:
+        return self.total_steps
+
+
+def FixedLinear(min_value: int, max_value: int, total_steps: int, step_size: int = 8) -> FixedRoot:
+    """DeepSpeed's ``fixed_linear`` pacing: :class:`FixedRoot` with ``root_degree=1``."""
+    return FixedRoot(min_value, max_value, total_steps, step_size, 1)
+
+
+@dataclass(frozen=True)
+class FixedDiscrete(Schedule):
+    """DeepSpeed's ``fixed_discrete``: ``difficulty`` has one more entry than ``max_step``.
+
+    Returns the first ``difficulty[i]`` whose ``max_step[i] >= step``, else the last difficulty.
+    """
+
+    difficulty: tuple
+    max_step: tuple
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.difficulty, (list, tuple)) or not self.difficulty:
+            raise ValueError("schedule_config.difficulty must be a non-empty list")
+        if not isinstance(self.max_step, (list, tuple)):
+            raise ValueError("schedule_config.max_step must be a list")
+        for i, d in enumerate(self.difficulty):
+            _check_int(f"schedule_config.difficulty[{i}]", d, minimum=1)
+        for i, s in enumerate(self.max_step):
+            _check_int(f"schedule_config.max_step[{i}]", s, minimum=0)
+        if len(self.difficulty) != len(self.max_step) + 1:
+            raise ValueError(
+                "schedule_config.difficulty must have exactly one more entry than "
+                f"schedule_config.max_step (got {len(self.difficulty)} and {len(self.max_step)})"
+            )
+        if list(self.max_step) != sorted(self.max_step):
+            raise ValueError("schedule_config.max_step must be non-decreasing")
+        object.__setattr__(self, "difficulty", tuple(int(d) for d in self.difficulty))
+        object.__setattr__(self, "max_step", tuple(int(s) for s in self.max_step))
+
+    @property
+    def min_value(self) -> int:  # type: ignore[override]
+        return min(self.difficulty)
+
+    @property
+    def max_value(self) -> int:  # type: ignore[override]
+        return max(self.difficulty)
+
+    def __call__(self, step: int) -> int:
+        step = _check_step(step)
+        for d, s in zip(self.difficulty, self.max_step):
+            if step <= s:
+                return d
+        return self.difficulty[-1]
+
+    def end_step(self) -> int:
+        return (self.max_step[-1] + 1) if self.max_step else 0
+
+
+class CustomSchedule(Schedule):
+    """Wraps a user function ``fn(step) -> int``; optional bounds are validated on every call."""
+
+    def __init__(
+        self,
+        fn: Callable[[int], int],
+        min_value: int = 1,
+        max_value: int | None = None,
+        total_steps: int = 0,
+    ) -> None:
+        if not callable(fn):
+            raise ValueError(f"custom schedule must be callable, got {fn!r}")
+        self.fn = fn
+        self.min_value = min_value
+        self.max_value = max_value if max_value is not None else 2**62
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> int:
+        step = _check_step(step)
+        value = self.fn(step)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError(f"custom schedule returned {value!r} at step {step}; expected an integer")
+        value = int(value)
+        if not (self.min_value <= value <= self.max_value):
+            raise ValueError(
+                f"custom schedule returned {value} at step {step}, outside "
+                f"[{self.min_value}, {self.max_value}]"
+            )
+        return value
+
+    def end_step(self) -> int:
+        return self.total_steps
+
+    def __repr__(self) -> str:
+        return f"CustomSchedule({self.fn!r})"
+
+
+# DeepSpeed key names for the two config forms.
+_FORMS = {
+    "curriculum": {
+        "min": "min_difficulty",
+        "max": "max_difficulty",
+        "total": "total_curriculum_step",
+        "step": "difficulty_step",
+    },
+    "random_ltd": {
+        "min": "min_value",
+        "max": "max_value",
+        "total": "require_steps",
+        "step": "seq_per_step",
+    },
+}
+
+
+def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int] | None = None) -> Schedule:
+    """Build a schedule from a DeepSpeed-style dict.
+
+    Accepts the curriculum form (``min_difficulty``, ``max_difficulty``, ``schedule_type``,
+    ``schedule_config{total_curriculum_step, difficulty_step, root_degree | difficulty, max_step}``)
+    and the random-LTD form (``min_value``, ``max_value``, ``schedule_type``,
+    ``schedule_config{require_steps, seq_per_step}``). Invalid configs raise ``ValueError`` naming the key.
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"schedule config must be a mapping, got {type(config).__name__}")
+    if "min_difficulty" in config or "max_difficulty" in config:
+        form = "curriculum"
+    elif "min_value" in config or "max_value" in config:
+        form = "random_ltd"
+    elif config.get("schedule_type") in ("fixed_discrete", "custom"):
+        form = "curriculum"
+    else:
+        raise ValueError(
+            "schedule config needs min_difficulty/max_difficulty (curriculum form) or "
+            f"min_value/max_value (random-LTD form); got keys {sorted(config)}"
+        )
+    keys = _FORMS[form]
+    stype = config.get("schedule_type")
+    if stype is None:
+        raise ValueError("schedule_type is required; allowed: " + ", ".join(SCHEDULE_TYPES))
+    if stype not in SCHEDULE_TYPES:
+        raise ValueError(f"schedule_type {stype!r} is not supported; allowed: " + ", ".join(SCHEDULE_TYPES))
+    sc = config.get("schedule_config", {})
+    if sc is None:
+        sc = {}
+    if not isinstance(sc, Mapping):
+        raise ValueError("schedule_config must be a mapping")
+
+    if stype == "fixed_discrete":
+        if "difficulty" not in sc:
+            raise ValueError("schedule_config.difficulty is required for schedule_type fixed_discrete")
+        if "max_step" not in sc:
+            raise ValueError("schedule_config.max_step is required for schedule_type fixed_discrete")
+        return FixedDiscrete(tuple(sc["difficulty"]), tuple(sc["max_step"]))
+
+    def need(key: str, where: Mapping[str, Any], prefix: str = "") -> Any:
+        if key not in where or where[key] is None:
+            raise ValueError(f"{prefix}{key} is required for schedule_type {stype}")
+        return where[key]
+
+    lo = _check_int(keys["min"], need(keys["min"], config), minimum=1)
+    hi = _check_int(keys["max"], need(keys["max"], config), minimum=1)
+    if lo > hi:
+        raise ValueError(f"{keys['min']} ({lo}) must be <= {keys['max']} ({hi})")
+
+    if stype == "custom":
+        fn = custom_fn or config.get("custom_fn") or sc.get("custom_fn")
+        if fn is None:
+            raise ValueError("schedule_type custom needs a callable (custom_fn)")
+        return CustomSchedule(fn, lo, hi, int(sc.get(keys["total"], 0) or 0))
+
+    total = _check_int(
+        "schedule_config." + keys["total"], need(keys["total"], sc, "schedule_config."), minimum=1
+    )
+    step_size = _check_int(
+        "schedule_config." + keys["step"], sc.get(keys["step"], 8), minimum=1
+    )
+    root = 1
+    if stype == "fixed_root":
+        root = need("root_degree", sc, "schedule_config.")
+        if isinstance(root, bool) or not isinstance(root, (int, float)) or root <= 0:
+            raise ValueError(f"schedule_config.root_degree must be a positive number, got {root!r}")
+    return FixedRoot(lo, hi, total, step_size, root)

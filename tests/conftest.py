@@ -1,0 +1,14 @@
+"""Test setup: run the real Triton kernels through the interpreter when no CUDA device is present.
+
+TRITON_INTERPRET must be set before any module that defines ``@triton.jit`` kernels is imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
