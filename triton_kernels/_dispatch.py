@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_KERNELS_READY = False  # Triton kernels land in the next commit
+_KERNELS_READY = True
 _FORCE_TORCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dataeff_force_torch", default=False)
 
 
