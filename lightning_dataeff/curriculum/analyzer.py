@@ -1,0 +1,542 @@
+"""Offline data analyzer: per-sample difficulty with a process pool, resumable shards, mmap outputs.
+
+Layout of ``output_dir`` once an analysis is complete, per metric (6 files whatever the number of
+distinct values)::
+
+    <metric>/header.json          format_version, metric, dtype, num_samples, dataset_fingerprint, ...
+    <metric>/sample_to_metric.npy [N]   value of each sample
+    <metric>/sorted_samples.npy   [N]   sample ids sorted by value (stable: ties by sample id)
+    <metric>/distinct_values.npy  [D]   distinct values, ascending
+    <metric>/distinct_offsets.npy [D+1] distinct_values[i] covers sorted_samples[offsets[i]:offsets[i+1]]
+    <metric>/percentiles.npy      [101] value of the last sample admitted at percentile p (p = 0..100)
+
+Work in progress lives in ``output_dir/_work/`` as one file per chunk of ``chunk_size`` samples;
+chunk boundaries depend only on ``chunk_size``, so a killed run, a run with another number of
+workers, and ``shard_id``/``num_shards`` jobs followed by :func:`merge_analysis` all produce
+byte-identical outputs. ``_work/`` is removed once the outputs are written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from lightning_dataeff.curriculum.metrics import (
+    dataset_fingerprint,
+    item_tokens,
+    lexicographic_seqlen_rarity,
+    resolve_metrics,
+    segment_sums,
+    user_values,
+)
+
+__all__ = ["analyze", "merge_analysis", "load_analysis", "MetricAnalysis", "FORMAT_VERSION", "DIFFICULTY_TYPES"]
+
+FORMAT_VERSION = 1
+DIFFICULTY_TYPES = ("value", "percentile")
+_WORK = "_work"
+_ARRAYS = ("sample_to_metric", "sorted_samples", "distinct_values", "distinct_offsets", "percentiles")
+
+# Set in the parent before the pool forks, inherited by workers (no pickling of the dataset).
+_JOB: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def analyze(
+    dataset: Any,
+    metrics: Any = ("seqlen",),
+    output_dir: str | os.PathLike = "analysis",
+    *,
+    num_workers: int | None = None,
+    chunk_size: int = 2048,
+    pad_token_id: int | None = None,
+    vocab_counts: Sequence[int] | np.ndarray | None = None,
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, "MetricAnalysis"] | None:
+    """Compute per-sample difficulty metrics of a map-style dataset and write them to ``output_dir``.
+
+    Args:
+        dataset: ``len(dataset)`` and ``dataset[i]`` -> a dict with ``input_ids`` (optional
+            ``attention_mask``) or a 1-D tensor / array / list of token ids.
+        metrics: built-in names (``seqlen``, ``vocab_rarity``, ``seqlen_vocab_rarity``), callables
+            ``fn(item) -> int | float`` (named by ``__name__``), or a dict ``{name: name | callable}``.
+        num_workers: worker processes (default: all cores); ``0``/``1`` runs in this process.
+        chunk_size: samples per unit of work (and per resumable checkpoint file).
+        pad_token_id: token id counted as padding when items carry no ``attention_mask``.
+        vocab_counts: unigram counts to use for ``vocab_rarity`` instead of counting the dataset
+            (zero counts are treated as 1).
+        shard_id, num_shards: run only chunks ``i`` with ``i % num_shards == shard_id`` (independent
+            jobs, e.g. one per node); returns ``None``; then call :func:`merge_analysis`.
+        progress: show a tqdm progress bar.
+        overwrite: recompute even if a complete analysis with the same settings exists.
+
+    Returns ``{metric: MetricAnalysis}`` (memory-mapped), or ``None`` for a shard job.
+    A killed analysis, rerun with the same arguments, keeps finished chunks and ends identical.
+    """
+    specs = resolve_metrics(metrics)
+    n = _check_dataset(dataset)
+    workers = _check_workers(num_workers)
+    chunk_size = _check_pos_int("chunk_size", chunk_size)
+    sharded = shard_id is not None or num_shards is not None
+    if sharded:
+        num_shards = _check_pos_int("num_shards", num_shards)
+        if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be an integer in [0, num_shards={num_shards}), got {shard_id!r}")
+    counts = _check_vocab_counts(vocab_counts)
+    out = os.fspath(output_dir)
+    fingerprint = dataset_fingerprint(dataset, pad_token_id)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "num_samples": n,
+        "dataset_fingerprint": fingerprint,
+        "chunk_size": chunk_size,
+        "pad_token_id": pad_token_id,
+        "metrics": {k: (v if isinstance(v, str) else _callable_name(v)) for k, v in specs.items()},
+        "vocab_counts_sha": None if counts is None else _sha(counts),
+    }
+    if not sharded and not overwrite and _complete(out, meta):
+        return load_analysis(out, dataset, metrics=list(specs))
+    work = os.path.join(out, _WORK)
+    _prepare_work(work, meta, overwrite)
+    if counts is not None:
+        _save_atomic(os.path.join(work, "unigram_counts.npy"), counts)
+
+    num_chunks = math.ceil(n / chunk_size)
+    mine = [i for i in range(num_chunks) if not sharded or i % num_shards == shard_id]
+    _JOB.update(dataset=dataset, specs=specs, meta=meta, work=work, neglogp=None)
+    try:
+        _run_chunks("map", mine, workers, progress)
+        if _needs_rarity(specs) and os.path.exists(os.path.join(work, "unigram_counts.npy")):
+            _JOB["neglogp"] = _neglogp(np.load(os.path.join(work, "unigram_counts.npy")))
+            _run_chunks("rarity", mine, workers, progress)
+        if sharded:
+            return None
+        return _finalize(dataset, out, work, meta, specs, workers, progress)
+    finally:
+        _JOB.clear()
+
+
+def merge_analysis(
+    output_dir: str | os.PathLike,
+    dataset: Any,
+    *,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, "MetricAnalysis"]:
+    """Merge the chunks written by ``shard_id``/``num_shards`` jobs into the final outputs.
+
+    Every job's ``_work/`` files must be in ``output_dir/_work/`` (a shared filesystem, or copy them
+    together: file names never collide). For ``vocab_rarity`` the merge sums the jobs' unigram counts
+    and runs the second pass (per-sample rarity) here with ``num_workers`` processes, for chunks
+    that lack it; jobs given ``vocab_counts`` do that pass themselves.
+    """
+    out = os.fspath(output_dir)
+    work = os.path.join(out, _WORK)
+    meta_path = os.path.join(work, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no analysis in progress under {out!r} (missing {meta_path})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    n = _check_dataset(dataset)
+    fingerprint = dataset_fingerprint(dataset, meta["pad_token_id"])
+    if n != meta["num_samples"] or fingerprint != meta["dataset_fingerprint"]:
+        raise ValueError(
+            f"merge_analysis: the dataset ({n} samples, fingerprint {fingerprint}) is not the one the jobs "
+            f"analyzed ({meta['num_samples']} samples, fingerprint {meta['dataset_fingerprint']})"
+        )
+    num_chunks = math.ceil(n / meta["chunk_size"])
+    missing = [i for i in range(num_chunks) if not os.path.exists(_chunk_path(work, "map", i))]
+    if missing:
+        raise ValueError(
+            f"merge_analysis: {len(missing)} of {num_chunks} chunks are missing in {work!r} (first: {missing[:8]}); "
+            "run every shard job (shard_id=0..num_shards-1) before merging"
+        )
+    specs = {}
+    for name, spec in meta["metrics"].items():
+        specs[name] = spec if spec in ("seqlen", "vocab_rarity", "seqlen_vocab_rarity") else None
+    _JOB.update(dataset=dataset, specs=specs, meta=meta, work=work, neglogp=None)
+    try:
+        return _finalize(dataset, out, work, meta, specs, _check_workers(num_workers), progress)
+    finally:
+        _JOB.clear()
+
+
+class MetricAnalysis:
+    """One metric's analysis, memory-mapped from ``<output_dir>/<metric>/``."""
+
+    def __init__(self, path: str | os.PathLike, *, mmap: bool = True) -> None:
+        self.path = os.fspath(path)
+        header_path = os.path.join(self.path, "header.json")
+        if not os.path.exists(header_path):
+            raise FileNotFoundError(f"no analysis header at {header_path}; run analyze() first")
+        with open(header_path) as f:
+            self.header: dict[str, Any] = json.load(f)
+        if self.header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{header_path}: format_version {self.header.get('format_version')!r} is not supported "
+                f"(expected {FORMAT_VERSION}); rerun analyze()"
+            )
+        mode = "r" if mmap else None
+        for name in _ARRAYS:
+            setattr(self, name, np.load(os.path.join(self.path, name + ".npy"), mmap_mode=mode))
+        if len(self.sample_to_metric) != self.num_samples:
+            raise ValueError(f"{self.path}: sample_to_metric has {len(self.sample_to_metric)} entries, header says {self.num_samples}")
+
+    sample_to_metric: np.ndarray
+    sorted_samples: np.ndarray
+    distinct_values: np.ndarray
+    distinct_offsets: np.ndarray
+    percentiles: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.header["metric"]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.header["num_samples"])
+
+    def num_admitted(self, difficulty: float, difficulty_type: str = "value") -> int:
+        """How many of the easiest samples are admitted: value <= difficulty, or the easiest difficulty %."""
+        if difficulty_type == "value":
+            return int(self.distinct_offsets[np.searchsorted(self.distinct_values, difficulty, side="right")])
+        if difficulty_type == "percentile":
+            if not 0 <= difficulty <= 100:
+                raise ValueError(f"a percentile difficulty must be in [0, 100], got {difficulty}")
+            return min(self.num_samples, math.ceil(difficulty * self.num_samples / 100 - 1e-9))
+        raise ValueError(f"difficulty_type must be one of {DIFFICULTY_TYPES}, got {difficulty_type!r}")
+
+    def admitted(self, difficulty: float, difficulty_type: str = "value") -> np.ndarray:
+        """Ids of the admitted samples, easiest first (a view of ``sorted_samples``)."""
+        return self.sorted_samples[: self.num_admitted(difficulty, difficulty_type)]
+
+    def __repr__(self) -> str:
+        return (
+            f"MetricAnalysis({self.name!r}, num_samples={self.num_samples}, dtype={self.header['dtype']}, "
+            f"distinct={len(self.distinct_values)})"
+        )
+
+
+def load_analysis(
+    output_dir: str | os.PathLike,
+    dataset: Any = None,
+    metrics: Sequence[str] | None = None,
+    *,
+    pad_token_id: Any = "header",
+) -> dict[str, MetricAnalysis]:
+    """Load ``{metric: MetricAnalysis}`` from ``output_dir`` (all metrics found, or ``metrics``).
+
+    If ``dataset`` is given, its length and fingerprint must match the headers, else ``ValueError``.
+    """
+    out = os.fspath(output_dir)
+    if not os.path.isdir(out):
+        raise FileNotFoundError(f"analysis directory {out!r} does not exist; run analyze() first")
+    found = sorted(d for d in os.listdir(out) if os.path.exists(os.path.join(out, d, "header.json")))
+    if metrics is None:
+        metrics = found
+        if not metrics:
+            raise FileNotFoundError(f"no finished metric analysis under {out!r}; run analyze() first")
+    elif isinstance(metrics, str):
+        metrics = [metrics]
+    result: dict[str, MetricAnalysis] = {}
+    for name in metrics:
+        if name not in found:
+            raise ValueError(f"metric {name!r} has no finished analysis under {out!r} (found: {found})")
+        result[name] = MetricAnalysis(os.path.join(out, name))
+    if dataset is not None:
+        fps: dict[Any, str] = {}
+        n = len(dataset)
+        for name, a in result.items():
+            pad = a.header.get("pad_token_id") if pad_token_id == "header" else pad_token_id
+            if pad not in fps:
+                fps[pad] = dataset_fingerprint(dataset, pad)
+            if n != a.num_samples or fps[pad] != a.header["dataset_fingerprint"]:
+                raise ValueError(
+                    f"analysis {a.path!r} was computed on another dataset: it has {a.num_samples} samples and "
+                    f"fingerprint {a.header['dataset_fingerprint']}, the given dataset has {n} samples and "
+                    f"fingerprint {fps[pad]}; rerun analyze() on this dataset"
+                )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_dataset(dataset: Any) -> int:
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"dataset must be map-style (__len__ and __getitem__), got {type(dataset).__name__}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("dataset is empty")
+    return n
+
+
+def _check_pos_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_workers(num_workers: int | None) -> int:
+    if num_workers is None:
+        return os.cpu_count() or 1
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    return max(num_workers, 1)
+
+
+def _check_vocab_counts(vocab_counts: Any) -> np.ndarray | None:
+    if vocab_counts is None:
+        return None
+    counts = np.asarray(vocab_counts)
+    if counts.ndim != 1 or counts.dtype.kind not in "iuf" or len(counts) == 0 or (counts < 0).any():
+        raise ValueError("vocab_counts must be a non-empty 1-D array of non-negative counts indexed by token id")
+    return counts.astype(np.int64)
+
+
+def _callable_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _sha(arr: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]
+
+
+def _needs_rarity(specs: Mapping[str, Any]) -> bool:
+    return any(s in ("vocab_rarity", "seqlen_vocab_rarity") for s in specs.values())
+
+
+def _needs_seqlen(specs: Mapping[str, Any]) -> bool:
+    return _needs_rarity(specs) or any(s == "seqlen" for s in specs.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# work directory and chunks
+
+
+def _chunk_path(work: str, phase: str, i: int) -> str:
+    return os.path.join(work, f"{phase}-{i:07d}.npz")
+
+
+def _save_atomic(path: str, arr: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _savez_atomic(path: str, **arrays: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _prepare_work(work: str, meta: dict, overwrite: bool) -> None:
+    meta_path = os.path.join(work, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old == meta and not overwrite:
+            return  # resume
+        if not overwrite:
+            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            raise ValueError(
+                f"{work!r} holds an unfinished analysis with other settings (differs in {diff}); "
+                "pass overwrite=True to discard it or choose another output_dir"
+            )
+        shutil.rmtree(work)
+    os.makedirs(work, exist_ok=True)
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(meta_path + ".tmp", meta_path)
+
+
+def _complete(out: str, meta: dict) -> bool:
+    for name in meta["metrics"]:
+        path = os.path.join(out, name, "header.json")
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            h = json.load(f)
+        if h.get("analysis") != meta:
+            return False
+    return True
+
+
+def _run_chunks(phase: str, chunks: list[int], workers: int, progress: bool) -> None:
+    work = _JOB["work"]
+    todo = [i for i in chunks if not os.path.exists(_chunk_path(work, phase, i))]
+    if not todo:
+        return
+    fn = _map_chunk if phase == "map" else _rarity_chunk
+    bar = _progress(len(chunks), len(chunks) - len(todo), f"analyze ({phase})", progress)
+    try:
+        if workers > 1 and "fork" not in mp.get_all_start_methods():
+            warnings.warn("analyze: the 'fork' start method is unavailable here; running in one process")
+            workers = 1
+        if workers <= 1 or len(todo) == 1:
+            for i in todo:
+                fn(i)
+                bar.update(1)
+        else:
+            ctx = mp.get_context("fork")  # workers inherit _JOB (dataset, metric functions)
+            with ctx.Pool(min(workers, len(todo))) as pool:
+                for _ in pool.imap_unordered(fn, todo):
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="chunk", disable=not enabled)
+
+
+def _chunk_items(i: int) -> tuple[int, list[Any]]:
+    meta, ds = _JOB["meta"], _JOB["dataset"]
+    start = i * meta["chunk_size"]
+    end = min(start + meta["chunk_size"], meta["num_samples"])
+    return start, [ds[j] for j in range(start, end)]
+
+
+def _map_chunk(i: int) -> int:
+    """Pass 1 on chunk i: lengths, user metrics and (for vocab rarity) unigram counts."""
+    specs, meta, work = _JOB["specs"], _JOB["meta"], _JOB["work"]
+    start, items = _chunk_items(i)
+    arrays: dict[str, np.ndarray] = {}
+    if _needs_seqlen(specs):
+        toks = [item_tokens(it, meta["pad_token_id"]) for it in items]
+        arrays["_seqlen"] = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+        if _needs_rarity(specs) and meta["vocab_counts_sha"] is None:
+            cat = np.concatenate(toks) if toks else np.zeros(0, np.int64)
+            if len(cat) and cat.min() < 0:
+                raise ValueError(f"negative token id in samples {start}..{start + len(items) - 1}")
+            c = np.bincount(cat)
+            nz = np.flatnonzero(c)
+            arrays["_count_ids"], arrays["_count_values"] = nz, c[nz]
+    for name, spec in specs.items():
+        if callable(spec):
+            arrays[name] = user_values(spec, name, items, start)
+    _savez_atomic(_chunk_path(work, "map", i), **arrays)
+    return i
+
+
+def _rarity_chunk(i: int) -> int:
+    """Pass 2 on chunk i: per-sample sum of -log p(token)."""
+    meta, work, neglogp = _JOB["meta"], _JOB["work"], _JOB["neglogp"]
+    start, items = _chunk_items(i)
+    toks = [item_tokens(it, meta["pad_token_id"]) for it in items]
+    lengths = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+    cat = np.concatenate(toks) if toks else np.zeros(0, np.int64)
+    if len(cat) and (cat.min() < 0 or cat.max() >= len(neglogp)):
+        bad = int(cat.max()) if len(cat) and cat.max() >= len(neglogp) else int(cat.min())
+        raise ValueError(
+            f"token id {bad} in samples {start}..{start + len(items) - 1} is outside vocab_counts (size {len(neglogp)})"
+        )
+    _save_atomic(_chunk_path(work, "rarity", i), segment_sums(neglogp[cat], lengths))
+    return i
+
+
+def _neglogp(counts: np.ndarray) -> np.ndarray:
+    counts = np.maximum(counts.astype(np.float64), 1.0)
+    return np.log(counts.sum()) - np.log(counts)
+
+
+def _reduce_counts(work: str, num_chunks: int) -> np.ndarray:
+    total = np.zeros(0, dtype=np.int64)
+    for i in range(num_chunks):
+        with np.load(_chunk_path(work, "map", i)) as z:
+            ids, vals = z["_count_ids"], z["_count_values"]
+        if len(ids) and ids[-1] >= len(total):
+            total = np.concatenate([total, np.zeros(int(ids[-1]) + 1 - len(total), np.int64)])
+        total[ids] += vals
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# finalize: gather chunks, write per-metric arrays and headers
+
+
+def _finalize(dataset, out, work, meta, specs, workers, progress) -> dict[str, MetricAnalysis]:
+    n = meta["num_samples"]
+    num_chunks = math.ceil(n / meta["chunk_size"])
+    if _needs_rarity(specs):
+        counts_path = os.path.join(work, "unigram_counts.npy")
+        if not os.path.exists(counts_path):
+            _save_atomic(counts_path, _reduce_counts(work, num_chunks))
+        if _JOB.get("neglogp") is None:
+            _JOB["neglogp"] = _neglogp(np.load(counts_path))
+        _run_chunks("rarity", list(range(num_chunks)), workers, progress)
+
+    columns: dict[str, list[np.ndarray]] = {}
+    for i in range(num_chunks):
+        with np.load(_chunk_path(work, "map", i)) as z:
+            for k in z.files:
+                if not k.startswith("_count"):
+                    columns.setdefault(k, []).append(z[k])
+        if _needs_rarity(specs):
+            columns.setdefault("_rarity", []).append(np.load(_chunk_path(work, "rarity", i)))
+    merged = {}
+    for k, parts in columns.items():
+        if any(p.dtype.kind == "f" for p in parts):
+            parts = [p.astype(np.float64) for p in parts]
+        merged[k] = np.concatenate(parts)
+
+    for name, spec in specs.items():
+        if spec == "seqlen":
+            values = merged["_seqlen"]
+        elif spec == "vocab_rarity":
+            values = merged["_rarity"]
+        elif spec == "seqlen_vocab_rarity":
+            values = lexicographic_seqlen_rarity(merged["_seqlen"], merged["_rarity"])
+        else:
+            values = merged[name]
+        _write_metric(os.path.join(out, name), name, values, meta)
+    shutil.rmtree(work, ignore_errors=True)
+    return load_analysis(out, metrics=list(specs))
+
+
+def _write_metric(path: str, name: str, values: np.ndarray, meta: dict) -> None:
+    os.makedirs(path, exist_ok=True)
+    header_path = os.path.join(path, "header.json")
+    if os.path.exists(header_path):
+        os.remove(header_path)  # the header is written last: it marks a complete metric
+    order = np.argsort(values, kind="stable").astype(np.int64)
+    sorted_values = values[order]
+    distinct, first = np.unique(sorted_values, return_index=True)
+    offsets = np.append(first, len(values)).astype(np.int64)
+    n = len(values)
+    ends = np.maximum(np.ceil(np.arange(101) * n / 100 - 1e-9).astype(np.int64), 1)
+    percentiles = sorted_values[np.minimum(ends, n) - 1]
+    for arr_name, arr in zip(_ARRAYS, (values, order, distinct, offsets, percentiles)):
+        _save_atomic(os.path.join(path, arr_name + ".npy"), arr)
+    header = {
+        "format_version": FORMAT_VERSION,
+        "metric": name,
+        "dtype": str(values.dtype),
+        "num_samples": n,
+        "num_distinct": int(len(distinct)),
+        "dataset_fingerprint": meta["dataset_fingerprint"],
+        "pad_token_id": meta["pad_token_id"],
+        "definition": meta["metrics"][name],
+        "analysis": meta,
+    }
+    with open(header_path + ".tmp", "w") as f:
+        json.dump(header, f, indent=1, sort_keys=True)
+    os.replace(header_path + ".tmp", header_path)

@@ -1,0 +1,148 @@
+"""Per-sample difficulty metrics: token extraction and the built-in metrics' vectorized kernels."""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+import re
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BUILTIN_METRICS",
+    "item_tokens",
+    "dataset_fingerprint",
+    "resolve_metrics",
+    "segment_sums",
+    "lexicographic_seqlen_rarity",
+]
+
+#: ``seqlen``: number of non-padding tokens. ``vocab_rarity``: sum over the sample's tokens of
+#: ``-log p(token)`` under the dataset's own unigram distribution. ``seqlen_vocab_rarity``: length
+#: first, rarity second: ``seqlen + vocab_rarity / (1 + max vocab_rarity)`` (a float whose floor is
+#: the length, so percentile pacing admits shorter samples first, and among equal lengths the less
+#: rare ones).
+BUILTIN_METRICS = ("seqlen", "vocab_rarity", "seqlen_vocab_rarity")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def item_tokens(item: Any, pad_token_id: int | None = None) -> np.ndarray:
+    """The non-padding token ids of one dataset item as a 1-D int64 array.
+
+    Items are a dict with ``input_ids`` (and optionally ``attention_mask``: tokens with mask 0 are
+    padding), or a 1-D tensor / array / list of token ids (``pad_token_id`` marks padding if given).
+    """
+    mask = None
+    if isinstance(item, Mapping):
+        if "input_ids" not in item:
+            raise ValueError(f"dataset items that are dicts need an 'input_ids' entry, got keys {sorted(item)}")
+        ids, mask = item["input_ids"], item.get("attention_mask")
+    else:
+        ids = item
+    ids = _as_array(ids, "input_ids")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+    if mask is not None:
+        mask = _as_array(mask, "attention_mask")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+        ids = ids[mask.astype(bool)]
+    elif pad_token_id is not None:
+        ids = ids[ids != pad_token_id]
+    return ids.astype(np.int64, copy=False)
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(
+            f"{name} of a dataset item must be 1-D (one sample, no batch dimension), got shape {arr.shape}"
+        )
+    return arr
+
+
+def dataset_fingerprint(dataset: Any, pad_token_id: int | None = None, probes: int = 64) -> str:
+    """Cheap identity of a map-style dataset: its length and the tokens of ``probes`` evenly spaced items."""
+    n = len(dataset)
+    h = hashlib.sha256(f"n={n};pad={pad_token_id}".encode())
+    if n:
+        for i in np.unique(np.linspace(0, n - 1, min(n, probes)).astype(np.int64)):
+            toks = item_tokens(dataset[int(i)], pad_token_id)
+            h.update(int(i).to_bytes(8, "little"))
+            h.update(len(toks).to_bytes(8, "little"))
+            h.update(toks.tobytes())
+    return h.hexdigest()[:32]
+
+
+def resolve_metrics(
+    metrics: str | Callable | Sequence[str | Callable] | Mapping[str, str | Callable],
+) -> dict[str, str | Callable[[Any], float]]:
+    """Normalize ``metrics`` to ``{name: builtin name | callable}``; names are safe directory names."""
+    if isinstance(metrics, (str, bytes)) or callable(metrics):
+        metrics = [metrics]
+    if isinstance(metrics, Mapping):
+        items = list(metrics.items())
+    else:
+        items = []
+        for m in metrics:
+            if isinstance(m, str):
+                items.append((m, m))
+            elif callable(m):
+                items.append((getattr(m, "__name__", None) or type(m).__name__, m))
+            else:
+                raise ValueError(f"metrics entries must be built-in names {BUILTIN_METRICS} or callables, got {m!r}")
+    if not items:
+        raise ValueError("metrics must name at least one metric")
+    out: dict[str, str | Callable] = {}
+    for name, spec in items:
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith("_"):
+            raise ValueError(
+                f"metric name {name!r} is not allowed: use letters, digits, '_', '.', '-' (not starting with '_');"
+                " pass a dict {name: fn} to name a callable"
+            )
+        if isinstance(spec, str):
+            if spec not in BUILTIN_METRICS:
+                raise ValueError(f"unknown metric {spec!r}; built-in metrics are {BUILTIN_METRICS}, or pass a callable")
+        elif not callable(spec):
+            raise ValueError(f"metric {name!r} must be a built-in name or a callable, got {spec!r}")
+        if name in out:
+            raise ValueError(f"metric name {name!r} is given twice")
+        out[name] = spec
+    return out
+
+
+def user_values(fn: Callable[[Any], Any], name: str, items: Sequence[Any], start: int) -> np.ndarray:
+    """Evaluate a user metric on items; int64 if every value is an integer, else float64."""
+    vals = []
+    for j, item in enumerate(items):
+        v = fn(item)
+        if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"metric {name!r} returned {v!r} for sample {start + j}; expected an int or a float")
+        if isinstance(v, float) and not np.isfinite(v):
+            raise ValueError(f"metric {name!r} returned {v!r} for sample {start + j}; values must be finite")
+        vals.append(v)
+    if all(isinstance(v, numbers.Integral) for v in vals):
+        return np.asarray(vals, dtype=np.int64).reshape(-1)
+    return np.asarray(vals, dtype=np.float64).reshape(-1)
+
+
+def segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sum ``values`` over consecutive segments of the given lengths (empty segments sum to 0)."""
+    out = np.zeros(len(lengths), dtype=np.float64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        out[nonempty] = np.add.reduceat(values, starts[nonempty])
+    return out
+
+
+def lexicographic_seqlen_rarity(seqlen: np.ndarray, rarity: np.ndarray) -> np.ndarray:
+    """``seqlen_vocab_rarity``: ``seqlen + rarity / (1 + max rarity)``."""
+    scale = 1.0 + (float(rarity.max()) if len(rarity) else 0.0)
+    return seqlen.astype(np.float64) + rarity / scale
