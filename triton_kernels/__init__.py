@@ -68,15 +68,15 @@ def sample_token_indices(
 
 
 def _keep_mask(keep_positions: Iterable[int], seq_len: int, num_keep: int, device: torch.device) -> torch.Tensor | None:
-    if isinstance(keep_positions, (int, torch.Tensor)) and not isinstance(keep_positions, bool):
-        keep_positions = torch.as_tensor(keep_positions).reshape(-1).tolist()
-    try:
-        positions = [as_int(p, "keep_positions entries", -seq_len) for p in keep_positions]
-    except ValueError:
-        raise IndexError(f"keep_positions entries must lie in [-{seq_len}, {seq_len}), got {list(keep_positions)}") from None
+    """Bool ``[seq_len]`` flagging the always-kept positions (None when there are none)."""
+    if isinstance(keep_positions, torch.Tensor):
+        keep_positions = keep_positions.reshape(-1).tolist()
+    elif isinstance(keep_positions, int) and not isinstance(keep_positions, bool):
+        keep_positions = [keep_positions]
+    positions = [as_int(p, "keep_positions entries", -(1 << 62)) for p in keep_positions]
     if not positions:
         return None
-    if max(positions) >= seq_len:
+    if min(positions) < -seq_len or max(positions) >= seq_len:
         raise IndexError(f"keep_positions entries must lie in [-{seq_len}, {seq_len}), got {positions}")
     unique = sorted({p % seq_len for p in positions})
     if len(unique) > num_keep:
@@ -93,7 +93,9 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check: bool = True) -> 
     hold distinct positions in ``[0, S)``; ``check=False`` skips the value checks (one device sync).
     """
     check_float(x, "x", (3,))
-    idx = check_index(idx, "idx", batch_size=x.shape[0], seq_len=x.shape[1], device=x.device, unique=True, check=check)
+    idx = check_index(
+        idx, "idx", batch_size=x.shape[0], seq_len=x.shape[1], device=x.device, against="x", unique=True, check=check
+    )
     if use_triton(x):
         from .gather_scatter import GatherTokens
 
@@ -117,7 +119,9 @@ def scatter_tokens(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *, check
         raise ValueError(f"y has batch size {y.shape[0]} but x has batch size {x.shape[0]}")
     if y.shape[2] != x.shape[2]:
         raise ValueError(f"y has hidden size {y.shape[2]} but x has hidden size {x.shape[2]}")
-    idx = check_index(idx, "idx", batch_size=x.shape[0], seq_len=x.shape[1], device=x.device, unique=True, check=check)
+    idx = check_index(
+        idx, "idx", batch_size=x.shape[0], seq_len=x.shape[1], device=x.device, against="x", unique=True, check=check
+    )
     if idx.shape[1] != y.shape[1]:
         raise ValueError(f"idx keeps {idx.shape[1]} positions per row but y has {y.shape[1]} rows per sample")
     if use_triton(x):
@@ -143,7 +147,9 @@ def gather_attention_mask(mask: torch.Tensor, idx: torch.Tensor, *, check: bool 
     bsz = _batch_of(idx, "idx")
     if mask.shape[0] not in (1, bsz):
         raise ValueError(f"mask has batch size {mask.shape[0]} but idx has batch size {bsz} (use {bsz} or 1)")
-    idx = check_index(idx, "idx", batch_size=bsz, seq_len=seq_len, device=mask.device, unique=False, check=check)
+    idx = check_index(
+        idx, "idx", batch_size=bsz, seq_len=seq_len, device=mask.device, against="mask", unique=False, check=check
+    )
     return reference.gather_attention_mask(mask, idx)
 
 
@@ -157,7 +163,9 @@ def gather_positions(pos: torch.Tensor, idx: torch.Tensor, *, check: bool = True
     if pos.dim() > 1 and pos.shape[0] not in (1, bsz):
         raise ValueError(f"pos has batch size {pos.shape[0]} but idx has batch size {bsz} (use {bsz} or 1)")
     seq_len = pos.shape[0] if pos.dim() == 1 else pos.shape[1]
-    idx = check_index(idx, "idx", batch_size=bsz, seq_len=seq_len, device=pos.device, unique=False, check=check)
+    idx = check_index(
+        idx, "idx", batch_size=bsz, seq_len=seq_len, device=pos.device, against="pos", unique=False, check=check
+    )
     return reference.gather_positions(pos, idx)
 
 

@@ -41,10 +41,11 @@ def check_index(
     batch_size: int,
     seq_len: int,
     device: torch.device,
+    against: str,
     unique: bool,
     check: bool,
 ) -> torch.Tensor:
-    """Validate ``idx[B, K]`` against a sequence of length ``seq_len``; return it as contiguous int64.
+    """Validate ``idx[B, K]`` for tensor ``against`` (batch ``batch_size``, length ``seq_len``); return int64.
 
     Shape, dtype and device are always checked (free). With ``check=True`` the values are also checked
     (range, and uniqueness per row when ``unique``) using a single device synchronisation.
@@ -56,11 +57,13 @@ def check_index(
     if idx.dim() != 2:
         raise ValueError(f"{name} must have shape [batch, num_keep], got {tuple(idx.shape)}")
     if idx.shape[0] != batch_size:
-        raise ValueError(f"{name} has batch size {idx.shape[0]} but the tokens have batch size {batch_size}")
+        raise ValueError(f"{name} has batch size {idx.shape[0]} but {against} has batch size {batch_size}")
     if idx.shape[1] > seq_len:
-        raise ValueError(f"{name} keeps {idx.shape[1]} positions per row, more than seq_len={seq_len}")
+        raise ValueError(
+            f"{name} keeps {idx.shape[1]} positions per row, more than the sequence length {seq_len} of {against}"
+        )
     if idx.device != device:
-        raise ValueError(f"{name} is on {idx.device} but the tokens are on {device}")
+        raise ValueError(f"{name} is on {idx.device} but {against} is on {device}")
     idx = idx.to(torch.int64).contiguous()
     if check and idx.numel():
         stats = [idx.min(), idx.max()]

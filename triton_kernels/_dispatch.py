@@ -23,7 +23,6 @@ except ImportError:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_KERNELS_READY = True
 _FORCE_TORCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dataeff_force_torch", default=False)
 
 
@@ -39,6 +38,6 @@ def use_torch_kernels(enabled: bool = True) -> Iterator[None]:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the kernels for tensor ``t`` run in Triton (True) or in torch (False)."""
-    if not _KERNELS_READY or not HAS_TRITON or _FORCE_TORCH.get() or os.environ.get("DATAEFF_KERNELS", "").lower() == "torch":
+    if not HAS_TRITON or _FORCE_TORCH.get() or os.environ.get("DATAEFF_KERNELS", "").lower() == "torch":
         return False
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")

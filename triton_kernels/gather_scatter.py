@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import INTERPRET
 
@@ -55,14 +56,15 @@ def _merge_kernel(
 
 
 def _tiles(n_rows: int, width: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_H, num_warps): few large tiles under the interpreter, ~8K-element tiles on GPUs."""
-    if INTERPRET:
-        block_h = min(triton.next_power_of_2(width), 4096)
-        return max(1, min(triton.next_power_of_2(n_rows), 131072 // block_h)), block_h, 4
-    # Largest power of two <= 1024 that wastes the fewest masked lanes (768 -> 256, 13 -> 16, 2048 -> 1024).
-    options = [1 << p for p in range(4, 11)]
+    """(BLOCK_R, BLOCK_H, num_warps): ~8K-element tiles on GPUs, few 128K-element tiles under the interpreter.
+
+    BLOCK_H is the largest power of two (<= 1024, or 4096 interpreted) that wastes the fewest masked columns
+    (768 -> 256, 13 -> 16, 2048 -> 1024).
+    """
+    max_h, tile = (4096, 131072) if INTERPRET else (1024, 8192)
+    options = [1 << p for p in range(4, max_h.bit_length())]
     block_h = min(options, key=lambda b: (triton.cdiv(width, b) * b - width, -b))
-    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), 8192 // block_h))
+    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), tile // block_h))
     return block_r, block_h, 8 if block_r * block_h >= 8192 else 4
 
 
@@ -108,7 +110,10 @@ def merge_rows(
 
 
 class GatherTokens(torch.autograd.Function):
-    """Autograd wrapper: forward gathers kept rows; backward writes the gradient into a zero tensor in one kernel."""
+    """Autograd wrapper: forward gathers kept rows; backward writes the gradient into a zero tensor in one kernel.
+
+    Once differentiable: a double backward raises instead of silently returning zeros.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -117,6 +122,7 @@ class GatherTokens(torch.autograd.Function):
         return gather_rows(x, idx)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -126,7 +132,7 @@ class GatherTokens(torch.autograd.Function):
 
 
 class ScatterTokens(torch.autograd.Function):
-    """Autograd wrapper: out = x with kept rows replaced by y, built in one pass."""
+    """Autograd wrapper: out = x with kept rows replaced by y, built in one pass (once differentiable)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -135,6 +141,7 @@ class ScatterTokens(torch.autograd.Function):
         return merge_rows(x, y, inv, x.shape[2], x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         idx, inv = ctx.saved_tensors
         grad_x = merge_rows(grad, None, inv, grad.shape[2], grad.dtype) if ctx.needs_input_grad[0] else None

@@ -40,7 +40,7 @@ def select_smallest(keys: torch.Tensor, num_keep: int) -> torch.Tensor:
 
 
 def gather_attention_mask(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Kept rows and columns of ``[B|1, Hm, S, S]``, kept columns of ``[B|1, Hm, 1, S]``, kept entries of ``[B|1, S]``."""
+    """Kept rows+columns of ``[B|1, Hm, S, S]``, kept columns of ``[B|1, Hm, 1, S]``, kept entries of ``[B|1, S]``."""
     bsz, k = idx.shape
     if mask.dim() == 2:
         return mask.expand(bsz, -1).gather(1, idx)

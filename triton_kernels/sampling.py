@@ -69,11 +69,18 @@ def _select_kernel(bits_ptr, keep_ptr, out_ptr, S, K, SHIFT,
         written += tl.sum(take, axis=0)
 
 
-def select_smallest_triton(bits: torch.Tensor, num_keep: int, keep: torch.Tensor | None) -> torch.Tensor:
-    """Ascending positions of the ``num_keep`` smallest sampling keys of each row of ``bits`` (int64 ``[R, S]``)."""
+def select_smallest_triton(
+    bits: torch.Tensor, num_keep: int, keep: torch.Tensor | None, block: int | None = None
+) -> torch.Tensor:
+    """Ascending positions of the ``num_keep`` smallest sampling keys of each row of ``bits`` (int64 ``[R, S]``).
+
+    ``block`` (a power of two) overrides the chunk size; tests use it to exercise the multi-chunk path.
+    """
     rows, seq_len = bits.shape
     out = torch.empty((rows, num_keep), dtype=torch.int64, device=bits.device)
-    if INTERPRET:
+    if block is not None:
+        one_chunk = seq_len <= block
+    elif INTERPRET:
         block, one_chunk = min(triton.next_power_of_2(seq_len), 1 << 16), seq_len <= 1 << 16
     else:
         one_chunk = seq_len <= 8192
