@@ -1,0 +1,392 @@
+"""Lightning glue for random-LTD: the :class:`RandomLTD` and :class:`TokenBudget` callbacks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_dataeff.random_ltd import RandomLTDState, apply_random_ltd, find_blocks, remove_random_ltd
+from lightning_dataeff.random_ltd.apply import _bind, _check_keep_positions, _in_backward, random_ltd_state
+from lightning_dataeff.random_ltd.blocks import supported_block_names
+from lightning_dataeff.schedules import FixedRoot, build_schedule
+
+__all__ = ["RandomLTD", "TokenBudget"]
+
+_SCHEDULE_TYPES = ("fixed_linear", "fixed_root")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
+    return type(pl_module).configure_model is not pl.LightningModule.configure_model
+
+
+class RandomLTD(Callback):
+    """Random layerwise token dropping (Yao et al., 2022) on an unmodified transformer.
+
+    At ``setup("fit")`` the registered transformer blocks of the LightningModule are patched in place
+    (parameter names and ``state_dict`` keys unchanged; blocks created in ``configure_model`` are patched
+    at ``on_fit_start``). Before every training batch the kept length is set from ``trainer.global_step``
+    (no communication, gradient-accumulation safe): DeepSpeed's ``fixed_linear``/``fixed_root`` pacing from
+    ``min_tokens`` to ``max_tokens`` over ``duration`` steps, a multiple of ``seq_per_step``, never above the
+    batch's sequence length. Evaluation always sees every token.
+
+    Args:
+        min_tokens: kept tokens at step 0.
+        max_tokens: kept tokens at the end of the ramp; None = each batch's full sequence length.
+        duration: ramp length, in optimizer steps (int) or as a fraction in (0, 1] of
+            ``trainer.estimated_stepping_batches`` (float).
+        schedule_type: ``"fixed_linear"`` or ``"fixed_root"``.
+        seq_per_step: kept lengths are multiples of this (DeepSpeed's ``seq_per_step``).
+        root_degree: root degree of ``fixed_root``.
+        layers: block indices that drop tokens (default every block but the first and the last).
+        keep_positions: positions never dropped (``[0]`` for a CLS token).
+        seed: base seed of the token sampling (indices depend on seed, step, rank).
+        block_types: restrict block matching to these registered classes.
+
+    Logs ``random_ltd/kept_tokens`` and ``random_ltd/layer_tokens`` (this process's consumed layer-tokens).
+    """
+
+    def __init__(
+        self,
+        min_tokens: int,
+        max_tokens: int | None = None,
+        duration: int | float = 1.0,
+        schedule_type: str = "fixed_linear",
+        seq_per_step: int = 8,
+        root_degree: float = 1,
+        layers: Sequence[int] | None = None,
+        keep_positions: Sequence[int] = (),
+        seed: int = 0,
+        block_types: Iterable[type] | None = None,
+    ) -> None:
+        self.min_tokens = _positive_int("min_tokens", min_tokens)
+        if max_tokens is not None:
+            _positive_int("max_tokens", max_tokens)
+            if min_tokens > max_tokens:
+                raise ValueError(f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens})")
+        self.max_tokens = max_tokens
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+            raise ValueError(f"duration must be an int (steps) or a float in (0, 1], got {duration!r}")
+        if isinstance(duration, int) and duration < 1:
+            raise ValueError(f"duration in steps must be >= 1, got {duration}")
+        if isinstance(duration, float) and not 0.0 < duration <= 1.0:
+            raise ValueError(f"duration as a fraction of training must be in (0, 1], got {duration}")
+        self.duration = duration
+        if schedule_type not in _SCHEDULE_TYPES:
+            raise ValueError(f"schedule_type must be one of {', '.join(_SCHEDULE_TYPES)}; got {schedule_type!r}")
+        self.schedule_type = schedule_type
+        self.seq_per_step = _positive_int("seq_per_step", seq_per_step)
+        if isinstance(root_degree, bool) or not isinstance(root_degree, (int, float)) or not (
+            root_degree > 0 and math.isfinite(root_degree)
+        ):
+            raise ValueError(f"root_degree must be a positive number, got {root_degree!r}")
+        self.root_degree = root_degree if schedule_type == "fixed_root" else 1
+        if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable)):
+            raise TypeError(f"layers must be a sequence of block indices, got {layers!r}")
+        self.layers = None if layers is None else list(layers)
+        self.keep_positions = _check_keep_positions(keep_positions)
+        if self.min_tokens < len(self.keep_positions):
+            raise ValueError(
+                f"min_tokens ({min_tokens}) must be >= the number of keep_positions ({len(self.keep_positions)})"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.block_types = None if block_types is None else tuple(block_types)
+        self.expected_num_layers: int | None = None
+        self._state: RandomLTDState | None = None
+        self._module: torch.nn.Module | None = None
+        self._pending: dict | None = None
+        self._total_steps: int | None = None
+        self._schedules: dict[int, FixedRoot] = {}
+
+    # construction from DeepSpeed configs ----------------------------------------------------------
+    @classmethod
+    def from_deepspeed(cls, section: Mapping[str, Any], **overrides: Any) -> "RandomLTD | None":
+        """Build from DeepSpeed's ``random_ltd`` dict (or a ``data_efficiency``/``data_routing`` dict above it).
+
+        Returns None when any ``enabled`` flag on the path is false. ``random_ltd_layer_id`` becomes
+        ``layers``; ``total_layer_num`` is checked against the blocks found. Keys we derive automatically
+        (``model_mask_name``, ``model_type``, ``hidden_state_order``) are ignored with a warning;
+        ``layer_token_lr_schedule`` is ignored with a pointer to :class:`LayerTokenLRScheduler`.
+        ``overrides`` are passed to the constructor (e.g. ``keep_positions=[0]``).
+        """
+        if not isinstance(section, Mapping):
+            raise ValueError(f"random_ltd config must be a mapping, got {type(section).__name__}")
+        for parent in ("data_efficiency", "data_routing"):
+            if parent in section:
+                if not section.get("enabled", True):
+                    return None
+                section = section[parent]
+                if not isinstance(section, Mapping):
+                    raise ValueError(f"{parent} must be a mapping")
+        if "random_ltd" in section:
+            if not section.get("enabled", True):
+                return None
+            section = section["random_ltd"]
+            if not isinstance(section, Mapping):
+                raise ValueError("random_ltd must be a mapping")
+        if not section.get("enabled", False):
+            return None
+        known = {"enabled", "total_layer_num", "random_ltd_layer_num", "random_ltd_layer_id", "random_ltd_schedule",
+                 "model_mask_name", "model_type", "hidden_state_order", "layer_token_lr_schedule"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"random_ltd: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        ignored = [k for k in ("model_mask_name", "model_type", "hidden_state_order") if k in section]
+        if ignored:
+            warnings.warn(f"random_ltd: {ignored} ignored (masks, block type and layout are detected from the model)",
+                          stacklevel=2)
+        lr = section.get("layer_token_lr_schedule")
+        if isinstance(lr, Mapping) and lr.get("enabled", False):
+            warnings.warn("random_ltd.layer_token_lr_schedule ignored here: use "
+                          "lightning_dataeff.LayerTokenLRScheduler in configure_optimizers", stacklevel=2)
+        sched = section.get("random_ltd_schedule")
+        if not isinstance(sched, Mapping):
+            raise ValueError("random_ltd.random_ltd_schedule is required (min_value, max_value, schedule_type, "
+                             "schedule_config{require_steps, seq_per_step})")
+        built = build_schedule(sched)
+        if not isinstance(built, FixedRoot):
+            raise ValueError(f"random_ltd.random_ltd_schedule.schedule_type must be one of {_SCHEDULE_TYPES}")
+        layers = section.get("random_ltd_layer_id")
+        if layers is not None and "random_ltd_layer_num" in section and section["random_ltd_layer_num"] != len(layers):
+            raise ValueError(
+                f"random_ltd.random_ltd_layer_num ({section['random_ltd_layer_num']}) != "
+                f"len(random_ltd_layer_id) ({len(layers)})"
+            )
+        kwargs: dict[str, Any] = dict(
+            min_tokens=built.min_value, max_tokens=built.max_value, duration=built.total_steps,
+            schedule_type=sched["schedule_type"], seq_per_step=built.step_size, root_degree=built.root_degree,
+            layers=layers,
+        )
+        kwargs.update(overrides)
+        cb = cls(**kwargs)
+        if "total_layer_num" in section:
+            cb.expected_num_layers = _positive_int("random_ltd.total_layer_num", section["total_layer_num"])
+        return cb
+
+    # public state ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> RandomLTDState | None:
+        """The :class:`RandomLTDState` of the patched model (None before setup)."""
+        return self._state
+
+    def kept_tokens(self, step: int, seq_len: int) -> int:
+        """Kept tokens at optimizer ``step`` for batches of ``seq_len`` tokens."""
+        hi = seq_len if self.max_tokens is None else min(self.max_tokens, seq_len)
+        if hi <= self.min_tokens:
+            return hi
+        sched = self._schedules.get(hi)
+        if sched is None:
+            total = self._total_steps if self._total_steps is not None else self._resolve_steps(None)
+            sched = self._schedules[hi] = FixedRoot(self.min_tokens, hi, total, self.seq_per_step, self.root_degree)
+        return sched(step)
+
+    # lifecycle ------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._state is not None:
+            return
+        if not find_blocks(pl_module, self.block_types) and _overrides_configure_model(pl_module):
+            return  # blocks are built in configure_model: patch at on_fit_start
+        self._apply(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state is None:
+            self._apply(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._total_steps = self._resolve_steps(trainer)
+        self._schedules.clear()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        state = self._state
+        state.step = trainer.global_step
+        step = trainer.global_step
+        state.kept_tokens_fn = lambda seq_len: self.kept_tokens(step, seq_len)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        state = self._state
+        if state.last_kept_tokens is not None:
+            pl_module.log("random_ltd/kept_tokens", float(state.last_kept_tokens), on_step=True, on_epoch=False)
+        pl_module.log("random_ltd/layer_tokens", float(state.consumed_layer_tokens), on_step=True, on_epoch=False)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._module is not None:
+            remove_random_ltd(self._module)
+            self._pending = self._state.state_dict()
+            self._module, self._state = None, None
+
+    # persistence ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = self._state.state_dict() if self._state is not None else dict(self._pending or {})
+        return {"version": 1, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore counters; tolerates older or partial states (missing keys keep their defaults)."""
+        inner = state_dict.get("state", state_dict) if isinstance(state_dict, Mapping) else {}
+        inner = {k: v for k, v in inner.items() if k in ("step", "consumed_tokens", "consumed_layer_tokens")}
+        if self._state is None:
+            self._pending = inner
+        else:
+            self._state.load_state_dict(inner)
+
+    # helpers --------------------------------------------------------------------------------------
+    def _apply(self, pl_module: pl.LightningModule) -> None:
+        blocks = find_blocks(pl_module, self.block_types)
+        if self.expected_num_layers is not None and blocks and len(blocks) != self.expected_num_layers:
+            raise ValueError(
+                f"random_ltd.total_layer_num is {self.expected_num_layers} but the model has {len(blocks)} "
+                "transformer blocks"
+            )
+        self._state = apply_random_ltd(
+            pl_module, kept_tokens=self.min_tokens, layers=self.layers, keep_positions=self.keep_positions,
+            seed=self.seed, block_types=self.block_types,
+        )
+        self._module = pl_module
+        if self._pending:
+            self._state.load_state_dict(self._pending)
+            self._pending = None
+
+    def _resolve_steps(self, trainer: pl.Trainer | None) -> int:
+        if isinstance(self.duration, int):
+            return self.duration
+        if trainer is None:
+            raise RuntimeError("RandomLTD: duration given as a fraction is resolved at on_train_start")
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "RandomLTD: duration as a fraction needs a finite trainer.estimated_stepping_batches "
+                "(set max_steps or use a sized dataloader), or give duration in steps (int)"
+            )
+        return max(1, round(self.duration * total))
+
+
+class TokenBudget(Callback):
+    """Counts consumed tokens and layer-tokens (summed over processes) and stops at a budget.
+
+    Uses the :class:`RandomLTD` callback's counts when one is on the trainer; otherwise counts the token
+    positions entering the first transformer block of each training forward (``B * S``) times the number
+    of blocks (``num_layers`` or the registered blocks found). Counters update once per optimizer step,
+    before the optimizer steps, so a :class:`LayerTokenLRScheduler` with
+    ``counter=lambda: budget.consumed_layer_tokens`` sees the current step. Logs ``tokens/consumed`` and
+    ``tokens/layer_tokens``; ``state_dict`` restores the counters exactly.
+
+    Args:
+        max_layer_tokens: stop once this many layer-tokens are consumed.
+        max_tokens: stop once this many tokens are consumed.
+        num_layers: number of blocks to count when no RandomLTD callback is used (default: blocks found).
+        block_types: restrict block matching to these registered classes.
+    """
+
+    def __init__(
+        self,
+        max_layer_tokens: int | None = None,
+        max_tokens: int | None = None,
+        num_layers: int | None = None,
+        block_types: Iterable[type] | None = None,
+    ) -> None:
+        for name, value in (("max_layer_tokens", max_layer_tokens), ("max_tokens", max_tokens),
+                            ("num_layers", num_layers)):
+            if value is not None:
+                _positive_int(name, value)
+        self.max_layer_tokens = max_layer_tokens
+        self.max_tokens = max_tokens
+        self.num_layers = num_layers
+        self.block_types = None if block_types is None else tuple(block_types)
+        self.consumed_tokens = 0
+        self.consumed_layer_tokens = 0
+        self._rltd: RandomLTD | None = None
+        self._hook = None
+        self._local = [0, 0]  # this process's counts (tokens, layer-tokens) since fit start
+        self._seen = [0, 0]  # local counts already added to the global counters
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._rltd = next((cb for cb in trainer.callbacks if isinstance(cb, RandomLTD)), None)
+        if self._rltd is None and self._hook is None:
+            if not find_blocks(pl_module, self.block_types) and _overrides_configure_model(pl_module):
+                return
+            self._install(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._rltd is None and self._hook is None:
+            self._install(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen = list(self._local_counts())
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        local = self._local_counts()
+        delta = torch.tensor([local[0] - self._seen[0], local[1] - self._seen[1]], dtype=torch.float64)
+        self._seen = list(local)
+        if trainer.world_size > 1:
+            delta = trainer.strategy.reduce(delta.to(pl_module.device), reduce_op="sum").cpu()
+        self.consumed_tokens += int(delta[0].item())
+        self.consumed_layer_tokens += int(delta[1].item())
+        pl_module.log("tokens/consumed", float(self.consumed_tokens), on_step=True, on_epoch=False)
+        pl_module.log("tokens/layer_tokens", float(self.consumed_layer_tokens), on_step=True, on_epoch=False)
+        if (self.max_layer_tokens is not None and self.consumed_layer_tokens >= self.max_layer_tokens) or (
+            self.max_tokens is not None and self.consumed_tokens >= self.max_tokens
+        ):
+            trainer.should_stop = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_tokens": self.consumed_tokens, "consumed_layer_tokens": self.consumed_layer_tokens}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consumed_tokens = int(state_dict.get("consumed_tokens", self.consumed_tokens))
+        self.consumed_layer_tokens = int(state_dict.get("consumed_layer_tokens", self.consumed_layer_tokens))
+
+    def _local_counts(self) -> tuple[int, int]:
+        if self._rltd is not None:
+            state = self._rltd.state
+            return (state.consumed_tokens, state.consumed_layer_tokens) if state is not None else (0, 0)
+        return self._local[0], self._local[1]
+
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        state = random_ltd_state(pl_module)
+        if state is not None:  # patched with the functional API: its state counts
+            self._rltd = _StateView(state)  # type: ignore[assignment]
+            return
+        blocks = find_blocks(pl_module, self.block_types)
+        if not blocks:
+            raise ValueError(
+                f"TokenBudget: no transformer block found in {type(pl_module).__name__}; supported: "
+                f"{', '.join(supported_block_names())} (add yours with register_block)"
+            )
+        layers = self.num_layers or len(blocks)
+        _, first, adapter = blocks[0]
+        base = type(first)
+
+        def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if module.training and not _in_backward():
+                _, flat = _bind(base, module, args, kwargs)
+                x = adapter.hidden(module, flat)
+                self._local[0] += x.shape[0] * x.shape[1]
+                self._local[1] += x.shape[0] * x.shape[1] * layers
+
+        self._hook = first.register_forward_pre_hook(count, with_kwargs=True)
+
+
+class _StateView:
+    """Quacks like a RandomLTD callback for a model patched with :func:`apply_random_ltd` directly."""
+
+    def __init__(self, state: RandomLTDState) -> None:
+        self.state = state

@@ -1,0 +1,239 @@
+"""In-place surgery: turn a model's transformer blocks into random-LTD blocks and back.
+
+Each selected block keeps its identity, parameters and ``state_dict`` keys: only its ``__class__`` is
+swapped to a cached subclass whose ``forward`` gathers the kept tokens (and what attention needs about
+them), runs the original ``forward`` on them and scatters the result back. Dropped tokens skip the block.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import BlockAdapter, find_blocks, supported_block_names
+from .state import RandomLTDState
+
+__all__ = ["apply_random_ltd", "remove_random_ltd", "random_ltd_state", "resolve_layers"]
+
+_ATTR = "_random_ltd"  # per-block _BlockInfo, stored in the instance __dict__ (never a parameter or buffer)
+_ROOT_ATTR = "_random_ltd_applied"  # on the model passed to apply_random_ltd
+_CLASS_CACHE: dict[type, type] = {}
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+@dataclass
+class _BlockInfo:
+    state: RandomLTDState
+    slot: int | None  # row of state.last_indices; None = inert (runs the original forward)
+    adapter: BlockAdapter
+    base: type
+
+
+@dataclass
+class _Applied:
+    state: RandomLTDState
+    blocks: list[nn.Module]
+    patched: list[nn.Module]
+    hook: Any = field(repr=False, default=None)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation-checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _signature(cls: type) -> inspect.Signature:
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return sig
+
+
+def _bind(cls: type, module: nn.Module, args: tuple, kwargs: dict) -> tuple[inspect.BoundArguments, dict]:
+    """Bind a call to ``cls.forward``'s signature; return it and a flat name -> value dict."""
+    bound = _signature(cls).bind(module, *args, **kwargs)
+    flat: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        else:
+            flat[name] = value
+    return bound, flat
+
+
+def _rebind(bound: inspect.BoundArguments, new: dict) -> tuple[tuple, dict]:
+    params = bound.signature.parameters
+    arguments = dict(bound.arguments)
+    varkw = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    extra = dict(arguments.get(varkw, {})) if varkw else {}
+    for name, value in new.items():
+        if name in params and params[name].kind is not inspect.Parameter.VAR_KEYWORD:
+            arguments[name] = value
+        else:
+            extra[name] = value
+    if varkw:
+        arguments[varkw] = extra
+    rebound = inspect.BoundArguments(bound.signature, arguments)
+    return rebound.args, rebound.kwargs
+
+
+def _ltd_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    info: _BlockInfo = self.__dict__[_ATTR]
+    base_forward = info.base.forward
+    if info.slot is None or not self.training:
+        return base_forward(self, *args, **kwargs)
+    bound, flat = _bind(info.base, self, args, kwargs)
+    x = info.adapter.hidden(self, flat)
+    bsz, seq_len = x.shape[0], x.shape[1]
+    kept = info.state.kept_for(seq_len)
+    if kept >= seq_len:
+        return base_forward(self, *args, **kwargs)
+    idx = info.state.indices(info.slot, bsz, seq_len, kept, x.device)
+    new_args, new_kwargs = _rebind(bound, info.adapter.prepare(self, flat, idx))
+    out = base_forward(*new_args, **new_kwargs)
+    return info.adapter.merge(self, flat, out, idx)
+
+
+def _ltd_class(cls: type) -> type:
+    sub = _CLASS_CACHE.get(cls)
+    if sub is None:
+        sub = type(f"RandomLTD{cls.__name__}", (cls,), {"forward": _ltd_forward, "__module__": cls.__module__})
+        _CLASS_CACHE[cls] = sub
+    return sub
+
+
+def _pre_hook(state: RandomLTDState, adapter: BlockAdapter, base: type, module: nn.Module, args: tuple,
+              kwargs: dict) -> None:
+    """On the first block: a training forward starts (not a recomputation during backward)."""
+    if module.training and not _in_backward():
+        _, flat = _bind(base, module, args, kwargs)
+        x = adapter.hidden(module, flat)
+        state.begin_forward(x.shape[0], x.shape[1])
+
+
+def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
+    """Validated, sorted block indices; ``None`` = every block but the first and the last."""
+    if layers is None:
+        if num_layers < 3:
+            raise ValueError(
+                f"layers: the model has {num_layers} transformer block(s); the default (every block but the "
+                "first and the last) is empty, pass layers explicitly"
+            )
+        return list(range(1, num_layers - 1))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a sequence of block indices, got {layers!r}")
+    out = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layers: block index {i!r} is not an integer")
+        if not 0 <= i < num_layers:
+            raise IndexError(f"layers: block index {i} is out of range; the model has {num_layers} blocks (0..{num_layers - 1})")
+        out.append(i)
+    if not out:
+        raise ValueError("layers must name at least one block")
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers has duplicate indices: {list(layers)}")
+    return sorted(out)
+
+
+def _check_keep_positions(keep_positions: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(keep_positions, (str, bytes)) or not isinstance(keep_positions, Iterable):
+        raise TypeError(f"keep_positions must be a sequence of token positions, got {keep_positions!r}")
+    out = tuple(keep_positions)
+    for p in out:
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(f"keep_positions: {p!r} is not a non-negative integer position")
+    if len(set(out)) != len(out):
+        raise ValueError(f"keep_positions has duplicates: {out}")
+    return out
+
+
+def apply_random_ltd(
+    model: nn.Module,
+    *,
+    kept_tokens: int,
+    layers: Iterable[int] | None = None,
+    keep_positions: Sequence[int] = (),
+    seed: int = 0,
+    block_types: Iterable[type] | None = None,
+) -> RandomLTDState:
+    """Make the transformer blocks ``layers`` of ``model`` drop tokens in training, in place.
+
+    Args:
+        model: any module containing registered blocks (Hugging Face GPT-2, BERT, ViT, Llama family,
+            ``nn.TransformerEncoderLayer``, or classes added with :func:`register_block`).
+        kept_tokens: tokens every sample keeps in each random-LTD block (``state.kept_tokens`` changes it).
+        layers: indices into the ordered list of matched blocks (DeepSpeed's ``random_ltd_layer_id``);
+            default every block but the first and the last.
+        keep_positions: token positions that are always kept (e.g. ``[0]`` for a CLS token).
+        seed: base seed of the token sampling.
+        block_types: restrict matching to these registered classes.
+
+    Returns:
+        The :class:`RandomLTDState` shared by the patched blocks.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_random_ltd: model must be an nn.Module, got {type(model).__name__}")
+    if _ROOT_ATTR in model.__dict__:
+        raise ValueError("apply_random_ltd: random-LTD is already applied to this model; call remove_random_ltd first")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    keep_positions = _check_keep_positions(keep_positions)
+    blocks = find_blocks(model, block_types)
+    if not blocks:
+        raise ValueError(
+            f"apply_random_ltd: no transformer block found in {type(model).__name__}. Supported block classes: "
+            f"{', '.join(supported_block_names())}. Add yours with register_block(cls, adapter)."
+        )
+    for name, module, _ in blocks:
+        if _ATTR in module.__dict__:
+            raise ValueError(f"apply_random_ltd: block {name!r} is already a random-LTD block (applied on another model)")
+    layer_ids = resolve_layers(layers, len(blocks))
+    state = RandomLTDState(
+        kept_tokens=kept_tokens, layers=layer_ids, num_layers=len(blocks), keep_positions=keep_positions, seed=seed
+    )
+    patched = []
+    for slot, i in enumerate(layer_ids):
+        _, module, adapter = blocks[i]
+        module.__dict__[_ATTR] = _BlockInfo(state, slot, adapter, type(module))
+        module.__class__ = _ltd_class(type(module))
+        patched.append(module)
+    _, first, first_adapter = blocks[0]
+    base = first.__dict__[_ATTR].base if _ATTR in first.__dict__ else type(first)
+    hook = first.register_forward_pre_hook(
+        lambda m, a, k: _pre_hook(state, first_adapter, base, m, a, k), with_kwargs=True
+    )
+    model.__dict__[_ROOT_ATTR] = _Applied(state, [b[1] for b in blocks], patched, hook)
+    return state
+
+
+def random_ltd_state(model: nn.Module) -> RandomLTDState | None:
+    """The state of random-LTD applied to ``model``, or None."""
+    applied = model.__dict__.get(_ROOT_ATTR)
+    return applied.state if applied is not None else None
+
+
+def remove_random_ltd(model: nn.Module) -> None:
+    """Restore the original blocks of a model patched by :func:`apply_random_ltd`."""
+    applied: _Applied | None = model.__dict__.get(_ROOT_ATTR)
+    if applied is None:
+        raise ValueError("remove_random_ltd: random-LTD is not applied to this model")
+    for module in applied.patched:
+        info: _BlockInfo = module.__dict__[_ATTR]
+        if type(module) is _CLASS_CACHE.get(info.base):
+            module.__class__ = info.base
+            del module.__dict__[_ATTR]
+        else:  # the class was derived again after surgery (e.g. FSDP2's fully_shard): make the block inert
+            info.slot = None
+            warnings.warn(
+                f"remove_random_ltd: {type(module).__name__} was re-wrapped after random-LTD was applied; the "
+                "block now runs its original forward but keeps its class",
+                stacklevel=2,
+            )
+    applied.hook.remove()
+    del model.__dict__[_ROOT_ATTR]
