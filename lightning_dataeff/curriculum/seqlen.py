@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["set_batch_sequence_length", "SEQLEN_MODES"]
+__all__ = ["set_batch_sequence_length", "batch_sequence_length", "SEQLEN_MODES"]
 
 SEQLEN_MODES = ("truncate", "reshape")
 _REFERENCE_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
@@ -58,6 +58,11 @@ def _broadcast_keys(batch: Mapping[str, Any], bsz: int, seq: int, seq_keys: list
         k for k, v in batch.items()
         if k not in seq_keys and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] == seq
     ]
+
+
+def batch_sequence_length(batch: Mapping[str, Any], keys: Sequence[str] | None = None) -> int:
+    """Sequence length ``S`` of a dict batch (of ``keys[0]``, else ``input_ids`` or the first [B, S] tensor)."""
+    return _sequence_keys(batch, keys)[2]
 
 
 def _describe(v: Any) -> str:

@@ -1,0 +1,223 @@
+"""Curriculum learning (Li et al., AAAI 2024) as a Lightning callback driving a CurriculumSampler."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from lightning_dataeff.curriculum.sampler import CurriculumSampler, parse_metric_rules
+from lightning_dataeff.curriculum.seqlen import set_batch_sequence_length
+
+__all__ = ["CurriculumLearning"]
+
+#: single_cluster metrics with these names cut every batch to their difficulty (DeepSpeed's seqlen curriculum).
+_SEQLEN_METRICS = {"seqlen": "truncate", "seqlen_truncate": "truncate", "seqlen_reshape": "reshape"}
+_SECTION_KEYS = {"enabled", "data_cluster_path", "curriculum_metrics"}
+_LEGACY_KEYS = {"enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config"}
+_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+
+
+class CurriculumLearning(Callback):
+    """Drive the :class:`CurriculumSampler` of the train dataloader from ``trainer.global_step``.
+
+    Args:
+        metrics: DeepSpeed's per-metric form ``{name: {difficulty_type: value|percentile,
+            clustering_type: schedule_based|single_cluster, min_difficulty, max_difficulty,
+            schedule_type, schedule_config}}``, installed into the sampler. ``None``: use the sampler's
+            own metrics (or none: a plain shuffle with exact mid-epoch resume). A ``single_cluster``
+            metric named ``seqlen``/``seqlen_truncate``/``seqlen_reshape`` cuts every batch to its
+            difficulty (truncate or reshape, see ``set_batch_sequence_length``).
+        seed: overrides the sampler's seed (``None`` keeps it).
+        analysis_dir: output of :func:`lightning_dataeff.curriculum.analyze` for ``schedule_based`` metrics.
+
+    Usage: ``DataLoader(ds, batch_sampler=CurriculumSampler(len(ds), batch_size))``, this callback, and
+    under DDP ``Trainer(use_distributed_sampler=False)``. The callback's ``state_dict`` holds the
+    number of micro-batches trained; on resume the sampler restarts exactly there, so the resumed run
+    sees the same batches as an uninterrupted one. Logs ``curriculum/<metric>``.
+    """
+
+    def __init__(
+        self,
+        metrics: Mapping[str, Mapping[str, Any]] | None = None,
+        seed: int | None = None,
+        analysis_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.rules = parse_metric_rules(metrics)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if analysis_dir is not None and not os.path.isdir(analysis_dir):
+            raise ValueError(f"analysis_dir {os.fspath(analysis_dir)!r} is not a directory; run analyze() first")
+        self.seed = seed
+        self.analysis_dir = analysis_dir
+        self.sampler: CurriculumSampler | None = None
+        self.consumed = 0  # micro-batches trained (per rank; the same on every rank)
+        self._seqlen_rules = [r for r in self.rules if not r.filters and r.name in _SEQLEN_METRICS]
+
+    # ------------------------------------------------------------------ DeepSpeed configs
+
+    @classmethod
+    def from_deepspeed(cls, section: Mapping[str, Any], *, analysis_dir: str | os.PathLike | None = None,
+                       seed: int | None = None) -> "CurriculumLearning | None":
+        """Build from DeepSpeed's ``data_efficiency.data_sampling.curriculum_learning`` section as is.
+
+        Also accepts a whole DeepSpeed config (``data_efficiency`` is looked up, its ``seed`` used) and
+        the legacy top-level ``curriculum_learning`` form (``curriculum_type: seqlen``: truncation;
+        DeepSpeed evaluated it at ``global_step + 1``, we use ``global_step``). Returns ``None`` when a
+        parent or the section's ``enabled`` flag is false or absent (DeepSpeed's default is disabled).
+        Keys we do not need are ignored with a warning; bad values raise ``ValueError`` naming the key.
+        """
+        if not isinstance(section, Mapping):
+            raise ValueError(f"curriculum_learning section must be a mapping, got {type(section).__name__}")
+        where = "curriculum_learning"
+        if "data_efficiency" in section or "data_sampling" in section:
+            de = section.get("data_efficiency", section)
+            if not _enabled(de, "data_efficiency"):
+                return None
+            if seed is None and "seed" in de:
+                seed = de["seed"]
+            ds = de.get("data_sampling", {})
+            if not _enabled(ds, "data_efficiency.data_sampling"):
+                return None
+            section = ds.get("curriculum_learning", {})
+            where = "data_efficiency.data_sampling.curriculum_learning"
+        if not isinstance(section, Mapping):
+            raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
+        if not _enabled(section, where):
+            return None
+        if "curriculum_type" in section:  # legacy form
+            _warn_ignored(section, _LEGACY_KEYS, where)
+            if section["curriculum_type"] != "seqlen":
+                raise ValueError(f"{where}.curriculum_type must be 'seqlen', got {section['curriculum_type']!r}")
+            metric = {k: section[k] for k in ("min_difficulty", "max_difficulty", "schedule_type", "schedule_config")
+                      if k in section}
+            metric["clustering_type"] = "single_cluster"
+            return cls({"seqlen": metric}, seed=seed, analysis_dir=analysis_dir)
+        _warn_ignored(section, _SECTION_KEYS, where)
+        if "data_cluster_path" in section:
+            warnings.warn(f"{where}.data_cluster_path is not used: samplers keep no cluster files", stacklevel=2)
+        metrics = section.get("curriculum_metrics") or {}
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"{where}.curriculum_metrics must be a mapping, got {type(metrics).__name__}")
+        return cls(
+            {name: cfg for name, cfg in metrics.items()} or None,
+            seed=seed,
+            analysis_dir=analysis_dir,
+        )
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        connector = trainer._accelerator_connector
+        if trainer.world_size > 1 and connector.use_distributed_sampler:
+            raise ValueError(
+                "CurriculumLearning: CurriculumSampler shards batches across ranks itself; create the Trainer "
+                "with use_distributed_sampler=False (Lightning's distributed sampler would replace it)"
+            )
+        # The resume is exact (the sampler restarts at the consumed micro-batch): silence Lightning's
+        # generic warning about resuming a non-stateful dataloader mid-epoch.
+        warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        sampler = self.sampler = _find_sampler(trainer)
+        if self.rules:
+            if sampler.rules:
+                raise ValueError(
+                    "CurriculumLearning(metrics=...) and CurriculumSampler(metrics=...) both define metrics; "
+                    "give them to only one of the two"
+                )
+            sampler.configure(metrics=list(self.rules), analysis=self.analysis_dir or sampler.analysis)
+        if self.seed is not None:
+            sampler.seed = self.seed
+        if sampler.num_replicas is None:
+            sampler.num_replicas, sampler.rank = trainer.world_size, trainer.global_rank
+        elif (sampler.num_replicas, sampler.rank or 0) != (trainer.world_size, trainer.global_rank):
+            raise ValueError(
+                f"CurriculumSampler(num_replicas={sampler.num_replicas}, rank={sampler.rank}) does not match the "
+                f"Trainer (world_size={trainer.world_size}, global_rank={trainer.global_rank}); leave them None"
+            )
+        sampler.accumulate = trainer.accumulate_grad_batches
+        sampler.epoch_length = int(trainer.num_training_batches)
+        sampler.set_position(self.consumed)
+        if sampler._live != (self.consumed, sampler.epoch_length, sampler.accumulate, sampler.seed):
+            # Lightning created (and prefetched from) the train iterator before any callback hook ran:
+            # start it again at the consumed position with the Trainer's settings.
+            fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is None:
+                raise RuntimeError("CurriculumLearning: cannot restart the train iterator (no fit_loop._data_fetcher)")
+            iter(fetcher)
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.sampler is not None:
+            self.sampler.set_position(self.consumed)
+
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        assert self.sampler is not None
+        difficulties = self.sampler.difficulties(step)
+        for rule in self._seqlen_rules:
+            if not isinstance(batch, MutableMapping):
+                raise TypeError(
+                    f"curriculum metric {rule.name!r} cuts batches, which needs dict or BatchEncoding batches, "
+                    f"got {type(batch).__name__}; call set_batch_sequence_length yourself in "
+                    "LightningModule.on_after_batch_transfer"
+                )
+            set_batch_sequence_length(batch, difficulties[rule.name], _SEQLEN_METRICS[rule.name])
+        for name, value in difficulties.items():
+            pl_module.log(f"curriculum/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+        self.consumed += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        seed = self.sampler.seed if self.sampler is not None else self.seed
+        return {"consumed": self.consumed, "seed": seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consumed = int(state_dict["consumed"])
+        if self.seed is None and state_dict.get("seed") is not None:
+            self.seed = int(state_dict["seed"])
+
+
+def _enabled(cfg: Any, where: str) -> bool:
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where} must be a mapping, got {type(cfg).__name__}")
+    value = cfg.get("enabled", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}.enabled must be true or false, got {value!r}")
+    if "enabled" not in cfg:
+        warnings.warn(f"{where}.enabled is not set; DeepSpeed's default is false, so curriculum learning is off",
+                      stacklevel=3)
+    return value
+
+
+def _warn_ignored(section: Mapping[str, Any], known: set[str], where: str) -> None:
+    ignored = sorted(set(section) - known)
+    if ignored:
+        warnings.warn(f"{where}: keys {ignored} are not used by CurriculumLearning and are ignored", stacklevel=3)
+
+
+def _find_sampler(trainer: "pl.Trainer") -> CurriculumSampler:
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    found = [dl.batch_sampler for dl in loaders
+             if isinstance(dl, DataLoader) and isinstance(dl.batch_sampler, CurriculumSampler)]
+    if len(found) != 1:
+        kinds = [type(getattr(dl, "batch_sampler", dl)).__name__ for dl in loaders]
+        raise ValueError(
+            "CurriculumLearning needs exactly one train DataLoader built with batch_sampler=CurriculumSampler(...) "
+            f"(found batch samplers: {kinds})"
+        )
+    return found[0]
