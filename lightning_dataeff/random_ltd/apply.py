@@ -107,13 +107,22 @@ def _ltd_class(cls: type) -> type:
     return sub
 
 
-def _pre_hook(state: RandomLTDState, adapter: BlockAdapter, base: type, module: nn.Module, args: tuple,
-              kwargs: dict) -> None:
-    """On the first block: a training forward starts (not a recomputation during backward)."""
-    if module.training and not _in_backward():
-        _, flat = _bind(base, module, args, kwargs)
-        x = adapter.hidden(module, flat)
-        state.begin_forward(x.shape[0], x.shape[1])
+@dataclass
+class _FirstBlockHook:
+    """Forward pre-hook on the first block: a training forward starts (not a recomputation in backward).
+
+    An object rather than a closure so that ``copy.deepcopy(model)`` gives the copy its own state.
+    """
+
+    state: RandomLTDState
+    adapter: BlockAdapter
+    base: type
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and not _in_backward():
+            _, flat = _bind(self.base, module, args, kwargs)
+            x = self.adapter.hidden(module, flat)
+            self.state.begin_forward(x.shape[0], x.shape[1])
 
 
 def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
@@ -205,9 +214,7 @@ def apply_random_ltd(
         patched.append(module)
     _, first, first_adapter = blocks[0]
     base = first.__dict__[_ATTR].base if _ATTR in first.__dict__ else type(first)
-    hook = first.register_forward_pre_hook(
-        lambda m, a, k: _pre_hook(state, first_adapter, base, m, a, k), with_kwargs=True
-    )
+    hook = first.register_forward_pre_hook(_FirstBlockHook(state, first_adapter, base), with_kwargs=True)
     model.__dict__[_ROOT_ATTR] = _Applied(state, [b[1] for b in blocks], patched, hook)
     return state
 
