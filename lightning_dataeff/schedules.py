@@ -12,6 +12,7 @@ This module imports nothing else from the project.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -54,18 +55,11 @@ def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        try:
-            import numbers
-
-            if isinstance(step, numbers.Integral):
-                return int(step)
-        except Exception:  # pragma: no cover
-            pass
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValueError(f"step must be an integer, got {step!r}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return step
+    return int(step)
 
 
 @dataclass(frozen=True)
