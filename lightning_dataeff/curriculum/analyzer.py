@@ -454,8 +454,8 @@ def _rarity_chunk(i: int) -> int:
 
 
 def _neglogp(counts: np.ndarray) -> np.ndarray:
-    counts = np.maximum(counts.astype(np.float64), 1.0)
-    return np.log(counts.sum()) - np.log(counts)
+    counts = counts.astype(np.float64)
+    return np.log(counts.sum()) - np.log(np.maximum(counts, 1.0))  # unseen ids count as 1 occurrence
 
 
 def _reduce_counts(work: str, num_chunks: int) -> np.ndarray:
