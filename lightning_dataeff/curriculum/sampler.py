@@ -173,7 +173,10 @@ class CurriculumSampler(Sampler[list[int]]):
         analysis: Mapping[str, MetricAnalysis] | str | os.PathLike | None = None,
     ) -> None:
         """Set the metric rules and the analysis (validated against ``num_samples``)."""
-        rules = list(metrics) if isinstance(metrics, list) else parse_metric_rules(metrics)
+        if isinstance(metrics, list) and all(isinstance(r, MetricRule) for r in metrics):
+            rules = list(metrics)
+        else:
+            rules = parse_metric_rules(metrics)
         need = [r.name for r in rules if r.filters]
         if isinstance(analysis, (str, os.PathLike)):
             analysis = load_analysis(analysis, metrics=need) if need else {}
