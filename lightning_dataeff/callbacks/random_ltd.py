@@ -182,15 +182,19 @@ class RandomLTD(Callback):
         return self._state
 
     def kept_tokens(self, step: int, seq_len: int) -> int:
-        """Kept tokens at optimizer ``step`` for batches of ``seq_len`` tokens."""
-        hi = seq_len if self.max_tokens is None else min(self.max_tokens, seq_len)
+        """Kept tokens at optimizer ``step`` for batches of ``seq_len`` tokens.
+
+        The schedule runs from ``min_tokens`` to ``max_tokens`` (or to ``seq_len`` when ``max_tokens`` is
+        None); the result is capped at ``seq_len``.
+        """
+        hi = seq_len if self.max_tokens is None else self.max_tokens
         if hi <= self.min_tokens:
-            return hi
+            return min(hi, seq_len)
         sched = self._schedules.get(hi)
         if sched is None:
             total = self._total_steps if self._total_steps is not None else self._resolve_steps(None)
             sched = self._schedules[hi] = FixedRoot(self.min_tokens, hi, total, self.seq_per_step, self.root_degree)
-        return sched(step)
+        return min(sched(step), seq_len)
 
     # lifecycle ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
