@@ -8,7 +8,6 @@ them), runs the original ``forward`` on them and scatters the result back. Dropp
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -226,7 +225,11 @@ def random_ltd_state(model: nn.Module) -> RandomLTDState | None:
 
 
 def remove_random_ltd(model: nn.Module) -> None:
-    """Restore the original blocks of a model patched by :func:`apply_random_ltd`."""
+    """Restore the original blocks of a model patched by :func:`apply_random_ltd`.
+
+    Blocks whose class was derived again after the surgery (FSDP2's ``fully_shard``) keep that class but
+    run their original forward from then on.
+    """
     applied: _Applied | None = model.__dict__.get(_ROOT_ATTR)
     if applied is None:
         raise ValueError("remove_random_ltd: random-LTD is not applied to this model")
@@ -235,12 +238,7 @@ def remove_random_ltd(model: nn.Module) -> None:
         if type(module) is _CLASS_CACHE.get(info.base):
             module.__class__ = info.base
             del module.__dict__[_ATTR]
-        else:  # the class was derived again after surgery (e.g. FSDP2's fully_shard): make the block inert
+        else:  # re-derived after surgery (FSDP2's fully_shard makes FSDP<cls>): keep the class, run the original
             info.slot = None
-            warnings.warn(
-                f"remove_random_ltd: {type(module).__name__} was re-wrapped after random-LTD was applied; the "
-                "block now runs its original forward but keeps its class",
-                stacklevel=2,
-            )
     applied.hook.remove()
     del model.__dict__[_ROOT_ATTR]

@@ -1,0 +1,109 @@
+"""TokenBudget: token / layer-token counting with or without random-LTD, stopping, layer-token LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning.pytorch as pl
+from lightning_dataeff.callbacks.random_ltd import RandomLTD, TokenBudget
+from lightning_dataeff.random_ltd import LayerTokenLRScheduler, apply_random_ltd
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+V, S, B, L = 32, 8, 2, 4
+
+
+class LM(pl.LightningModule):
+    def __init__(self, budget=None, functional_kept=None):
+        super().__init__()
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=L, n_embd=16, n_head=2, vocab_size=V, n_positions=16, bos_token_id=0,
+                         eos_token_id=0)
+        self.model = GPT2LMHeadModel(cfg)
+        if functional_kept is not None:
+            apply_random_ltd(self, kept_tokens=functional_kept)
+        self.budget = budget
+        self.lrs: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        if self.budget is None:
+            return opt
+        sched = LayerTokenLRScheduler(opt, total_layer_tokens=4 * B * S * L, decay="cosine",
+                                      counter=lambda: self.budget.consumed_layer_tokens)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit(lm, callbacks, max_steps=10, **kw):
+    data = DataLoader(TensorDataset(torch.randint(1, V, (40, S))), batch_size=B)
+    t = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    t.fit(lm, data)
+    return t
+
+
+def test_baseline_model_counts_blocks_and_stops_at_budget():
+    budget = TokenBudget(max_layer_tokens=3 * B * S * L)
+    t = fit(LM(), [budget])
+    assert t.global_step == 3
+    assert budget.consumed_tokens == 3 * B * S
+    assert budget.consumed_layer_tokens == 3 * B * S * L
+    assert t.logged_metrics["tokens/layer_tokens"] == 3 * B * S * L
+    assert t.logged_metrics["tokens/consumed"] == 3 * B * S
+    assert budget.state_dict() == {"consumed_tokens": 3 * B * S, "consumed_layer_tokens": 3 * B * S * L}
+
+
+def test_with_random_ltd_and_gradient_accumulation():
+    rltd = RandomLTD(min_tokens=2, max_tokens=2, duration=1)
+    budget = TokenBudget(max_tokens=4 * B * S)
+    t = fit(LM(), [rltd, budget], accumulate_grad_batches=2)
+    assert t.global_step == 2  # 2 micro-batches per step
+    assert budget.consumed_tokens == 4 * B * S
+    assert budget.consumed_layer_tokens == 4 * B * (S * 2 + 2 * 2)
+
+
+def test_functional_api_state_and_layer_token_lr_schedule():
+    budget = TokenBudget()
+    lm = LM(budget=budget, functional_kept=4)
+    fit(lm, [budget], max_steps=4)
+    per_step = B * (S * 2 + 4 * 2)
+    assert budget.consumed_layer_tokens == 4 * per_step
+    total = 4 * B * S * L
+    expected = [0.5 * (1 + math.cos(math.pi * n * per_step / total)) for n in range(4)]
+    assert lm.lrs == pytest.approx(expected)
+
+
+def test_resume_and_errors():
+    budget = TokenBudget(max_tokens=10)
+    budget.load_state_dict({"consumed_tokens": 7})
+    assert (budget.consumed_tokens, budget.consumed_layer_tokens) == (7, 0)
+    with pytest.raises(ValueError, match="max_layer_tokens must be a positive integer"):
+        TokenBudget(max_layer_tokens=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        TokenBudget(num_layers=-1)
+
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch[0].float()[:, :2]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="TokenBudget: no transformer block.*register_block"):
+        fit(Plain(), [TokenBudget(max_tokens=5)])
