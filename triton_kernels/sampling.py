@@ -83,12 +83,12 @@ def select_smallest_triton(
     elif INTERPRET:
         block, one_chunk = min(triton.next_power_of_2(seq_len), 1 << 16), seq_len <= 1 << 16
     else:
-        one_chunk = seq_len <= 8192
+        one_chunk = seq_len <= 4096  # the row stays in registers (8192 would spill)
         block = triton.next_power_of_2(seq_len) if one_chunk else 4096
     shift = max(1, (seq_len - 1).bit_length())
     keep_arg = keep.to(torch.int8) if keep is not None else bits
     _select_kernel[(rows,)](
         bits, keep_arg, out, seq_len, num_keep, shift,
-        HAS_KEEP=keep is not None, ONE_CHUNK=one_chunk, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        HAS_KEEP=keep is not None, ONE_CHUNK=one_chunk, BLOCK=block, num_warps=min(8, max(4, block // 512)),
     )
     return out
