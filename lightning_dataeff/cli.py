@@ -1,0 +1,97 @@
+"""The ``dataeff`` command line: ``fit``, ``analyze`` and ``compare`` a YAML recipe.
+
+Recipe problems (unknown key, wrong type, out-of-range value, missing or unparsable file) print one
+line naming the key or file and exit with code 2; a Hub model or dataset that cannot be loaded exits
+with code 1 and names the offline recipe. Neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dataeff",
+        description="Data-efficient training recipes (curriculum learning, random-LTD) for PyTorch Lightning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,analyze,compare}")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", help="recipe YAML file, e.g. recipes/gpt2-tiny.yaml")
+        p.add_argument("overrides", nargs="*", help="OmegaConf dotted overrides, e.g. optim.lr=3e-4 trainer.max_steps=10")
+        p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+        return p
+
+    fit = add("fit", "train as the recipe says")
+    fit.add_argument("--deepspeed-config", metavar="JSON", help="map a DeepSpeed config's data_efficiency section onto callbacks")
+    add("analyze", "run the curriculum data analyzer on the recipe's training set")
+    cmp = add("compare", "run baseline / curriculum / random-LTD / both at the same layer-token budget")
+    cmp.add_argument("--variants", help="comma-separated subset of baseline,curriculum,random_ltd,both")
+    cmp.add_argument("--seeds", type=int, help="seeds per variant (mean and spread are reported)")
+    cmp.add_argument("--output-dir", help="where comparison.md/.csv/.png go (default <output_dir>/comparison)")
+    return parser
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lightning_dataeff.recipes.config import load_recipe
+    from lightning_dataeff.recipes.run import recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(recipe_to_yaml(recipe), end="")
+        return 0
+    if args.command == "fit":
+        from lightning_dataeff.recipes.run import fit
+
+        deepspeed_config = args.deepspeed_config
+        if deepspeed_config is not None:
+            from pathlib import Path
+
+            from lightning_dataeff.recipes.config import RecipeError
+
+            if not Path(deepspeed_config).is_file():
+                raise RecipeError(f"invalid value for '--deepspeed-config': file not found: {deepspeed_config}")
+        summary = fit(recipe, deepspeed_config=deepspeed_config)
+        final = summary.get("final", {})
+        print(
+            f"[dataeff] done: {summary['steps']} steps, {summary['consumed_layer_tokens']:,} layer-tokens, "
+            f"final val_loss {final.get('val_loss', float('nan')):.4f}; outputs in {recipe.output_dir}"
+        )
+    elif args.command == "analyze":
+        from lightning_dataeff.recipes.run import analyze
+
+        analyze(recipe)
+    else:
+        from lightning_dataeff.recipes.comparison import compare
+
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+        command = "dataeff " + " ".join(shlex.quote(a) for a in argv)
+        compare(recipe, variants=variants, seeds=args.seeds, output_dir=args.output_dir, command=command)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dataeff`` and ``python -m lightning_dataeff``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from lightning_dataeff.recipes.config import HubUnavailableError, RecipeError
+
+    try:
+        return _run(args, argv)
+    except RecipeError as exc:
+        print(f"dataeff: error: {exc}", file=sys.stderr)
+        return 2
+    except HubUnavailableError as exc:
+        print(f"dataeff: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

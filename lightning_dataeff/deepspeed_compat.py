@@ -1,0 +1,165 @@
+"""Bring a DeepSpeed config: map its data-efficiency sections onto our callbacks.
+
+Handled: ``data_efficiency.data_routing.random_ltd`` -> :class:`RandomLTD` (``RandomLTD.from_deepspeed``);
+``data_efficiency.data_sampling.curriculum_learning`` -> :class:`SeqLengthWarmup` for the
+``seqlen_truncate`` / ``seqlen_reshape`` metrics and :class:`CurriculumLearning`
+(``CurriculumLearning.from_deepspeed``) for the others; the legacy top-level ``curriculum_learning``
+with ``curriculum_type: seqlen`` -> :class:`SeqLengthWarmup` (truncate);
+``random_ltd.layer_token_lr_schedule.enabled`` -> the layer-token learning-rate schedule. Every
+``enabled: false`` on the way is respected (DeepSpeed ignores the parent flags). Each key we do not
+use gets a warning naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["DeepSpeedImport", "import_deepspeed", "callbacks_from_deepspeed", "load_deepspeed_config"]
+
+# Curriculum metrics that DeepSpeed implements as a sequence-length transform of the batch.
+_SEQLEN_METRICS = {"seqlen_truncate": "truncate", "seqlen_reshape": "reshape"}
+# Top-level keys of a DeepSpeed config that belong to the engine (optimizer, precision, ZeRO...).
+_DATA_EFFICIENCY_KEYS = ("data_efficiency", "curriculum_learning")
+
+
+@dataclass
+class DeepSpeedImport:
+    """What a DeepSpeed config asks for: callbacks, the layer-token LR schedule flag, ignored keys."""
+
+    callbacks: list = field(default_factory=list)
+    layer_token_lr_schedule: bool = False
+    ignored: list[str] = field(default_factory=list)
+
+
+def load_deepspeed_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config as a dict, from a JSON file or a mapping."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"DeepSpeed config file not found: {path}")
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cannot parse DeepSpeed config {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object")
+    return loaded
+
+
+def _section(parent: Mapping[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    """``parent[key]`` if present and enabled (``enabled`` defaults to false, as in DeepSpeed)."""
+    value = parent.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}{key} must be a mapping, got {type(value).__name__}")
+    enabled = value.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"{where}{key}.enabled must be true or false, got {enabled!r}")
+    return dict(value) if enabled else None
+
+
+_SEQLEN_KEYS = {"enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config",
+                "clustering_type", "difficulty_type"}
+
+
+def _seqlen_warmup(metric: Mapping[str, Any], mode: str, where: str, result: "DeepSpeedImport") -> Any:
+    from lightning_dataeff.callbacks import SeqLengthWarmup
+
+    for key in metric:
+        if key not in _SEQLEN_KEYS:
+            _ignore(result, f"{where}{key}", "a sequence-length curriculum needs no data analysis")
+    if metric.get("difficulty_type", "value") != "value":
+        raise ValueError(f"{where}difficulty_type must be 'value' for a sequence-length curriculum")
+    schedule_type = metric.get("schedule_type", "fixed_linear")
+    if schedule_type not in ("fixed_linear", "fixed_root"):
+        raise ValueError(f"{where}schedule_type {schedule_type!r} is not supported for a sequence-length curriculum")
+    cfg = metric.get("schedule_config") or {}
+    for key in ("min_difficulty", "max_difficulty"):
+        if key not in metric:
+            raise ValueError(f"{where}{key} is required")
+    if "total_curriculum_step" not in cfg:
+        raise ValueError(f"{where}schedule_config.total_curriculum_step is required")
+    return SeqLengthWarmup(
+        min_len=metric["min_difficulty"],
+        max_len=metric["max_difficulty"],
+        duration=int(cfg["total_curriculum_step"]),
+        mode=mode,
+        step_size=int(cfg.get("difficulty_step", 8)),
+        schedule_type=schedule_type,
+        root_degree=cfg.get("root_degree", 1),
+    )
+
+
+def _ignore(result: DeepSpeedImport, key: str, why: str) -> None:
+    result.ignored.append(key)
+    warnings.warn(f"DeepSpeed config key '{key}' ignored: {why}", stacklevel=3)
+
+
+def import_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedImport:
+    """Map a DeepSpeed config onto callbacks; raises ``ValueError`` naming the bad key."""
+    from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD
+
+    ds = load_deepspeed_config(config)
+    result = DeepSpeedImport()
+    for key in ds:
+        if key not in _DATA_EFFICIENCY_KEYS:
+            _ignore(result, key, "engine settings belong in the recipe / Trainer")
+
+    de = _section(ds, "data_efficiency", "")
+    if ds.get("data_efficiency") is not None and de is None:
+        _ignore(result, "data_efficiency", "enabled is false")
+    if de is not None:
+        seed = de.get("seed", 1234)
+        for key in de:
+            if key not in ("enabled", "seed", "data_sampling", "data_routing"):
+                _ignore(result, f"data_efficiency.{key}", "not a data-efficiency setting we use")
+        sampling = _section(de, "data_sampling", "data_efficiency.")
+        if sampling is not None:
+            for key in sampling:
+                if key not in ("enabled", "curriculum_learning"):
+                    _ignore(result, f"data_efficiency.data_sampling.{key}", "set data loading in the recipe")
+            cl = _section(sampling, "curriculum_learning", "data_efficiency.data_sampling.")
+            if cl is not None:
+                metrics = dict(cl.get("curriculum_metrics") or {})
+                where = "data_efficiency.data_sampling.curriculum_learning.curriculum_metrics."
+                for name, mode in _SEQLEN_METRICS.items():
+                    if name in metrics:
+                        result.callbacks.append(_seqlen_warmup(metrics.pop(name), mode, f"{where}{name}.", result))
+                if metrics:
+                    section = {**cl, "curriculum_metrics": metrics}
+                    result.callbacks.append(CurriculumLearning.from_deepspeed({**section, "seed": seed}))
+        routing = _section(de, "data_routing", "data_efficiency.")
+        if routing is not None:
+            for key in routing:
+                if key not in ("enabled", "random_ltd"):
+                    _ignore(result, f"data_efficiency.data_routing.{key}", "only random_ltd routing is implemented")
+            ltd = _section(routing, "random_ltd", "data_efficiency.data_routing.")
+            if ltd is not None:
+                lr = ltd.pop("layer_token_lr_schedule", None) or {}  # mapped here, not by RandomLTD
+                result.layer_token_lr_schedule = bool(lr.get("enabled", False))
+                for key in lr:
+                    if key != "enabled":
+                        _ignore(result, f"data_efficiency.data_routing.random_ltd.layer_token_lr_schedule.{key}",
+                                "the total comes from budget.max_layer_tokens")
+                result.callbacks.append(RandomLTD.from_deepspeed(ltd))
+
+    legacy = _section(ds, "curriculum_learning", "")
+    if legacy is not None:
+        ctype = legacy.get("curriculum_type")
+        if ctype != "seqlen":
+            raise ValueError(f"curriculum_learning.curriculum_type {ctype!r} is not supported; allowed: seqlen")
+        if any(type(cb).__name__ == "SeqLengthWarmup" for cb in result.callbacks):
+            raise ValueError("curriculum_learning (legacy) and a data_efficiency seqlen metric both set a sequence-length curriculum")
+        result.callbacks.append(_seqlen_warmup(legacy, "truncate", "curriculum_learning.", result))
+    return result
+
+
+def callbacks_from_deepspeed(config: str | Path | Mapping[str, Any]) -> list:
+    """Just the callbacks of :func:`import_deepspeed`."""
+    return import_deepspeed(config).callbacks

@@ -1,0 +1,263 @@
+"""Turn a validated recipe into Lightning objects and run them: ``fit`` and ``analyze``."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import OmegaConf
+
+from lightning_dataeff.recipes.config import CallbackSpec, RecipeConfig, RecipeError, import_class
+from lightning_dataeff.recipes.data import ImageDataModule, TextDataModule
+from lightning_dataeff.recipes.metrics import MetricsCSV
+from lightning_dataeff.recipes.models import (
+    CausalLMModule,
+    ImageClassifierModule,
+    RecipeModule,
+    build_hf_model,
+    count_blocks,
+)
+
+__all__ = ["fit", "analyze", "build_datamodule", "build_module", "build_callbacks", "recipe_to_yaml", "method_of"]
+
+_CHECKPOINT_DIR = "checkpoints"
+
+
+def recipe_to_yaml(recipe: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def build_datamodule(recipe: RecipeConfig) -> L.LightningDataModule:
+    d = recipe.data
+    common = dict(
+        val_fraction=d.val_fraction,
+        max_val_samples=d.max_val_samples,
+        val_batch_size=d.val_batch_size,
+        num_workers=d.num_workers,
+        seed=recipe.seed,
+    )
+    if recipe.task == "causal_lm":
+        return TextDataModule(
+            d.source, d.seq_len, d.batch_size, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+            text_field=d.text_field, cache_dir=d.cache_dir, **common,
+        )
+    return ImageDataModule(
+        d.source, d.image_size, d.batch_size, num_channels=d.num_channels, image_field=d.image_field,
+        label_field=d.label_field, **common,
+    )
+
+
+def build_module(recipe: RecipeConfig, dm: L.LightningDataModule) -> RecipeModule:
+    """The LightningModule around a fresh or pretrained Hugging Face model (``dm`` must be set up)."""
+    m, d = recipe.model, recipe.data
+    if recipe.task == "causal_lm":
+        model = build_hf_model(
+            "causal_lm", m.pretrained, m.config,
+            vocab_size=dm.vocab_size, n_positions=d.seq_len, bos_token_id=dm.eos_id, eos_token_id=dm.eos_id,
+        )
+        if model.config.vocab_size < dm.vocab_size:
+            raise RecipeError(f"invalid value for 'model.config.vocab_size': smaller than the tokenizer's {dm.vocab_size}")
+        per_step = d.batch_size * d.seq_len * count_blocks(model)
+        cls, extra = CausalLMModule, {}
+    else:
+        model = build_hf_model(
+            "image_classification", m.pretrained, m.config,
+            num_labels=dm.num_labels, image_size=d.image_size, num_channels=d.num_channels,
+        )
+        tokens = (model.config.image_size // model.config.patch_size) ** 2 + 1
+        per_step = d.batch_size * tokens * count_blocks(model)
+        cls, extra = ImageClassifierModule, {"num_labels": dm.num_labels}
+    accumulate = int(recipe.trainer.get("accumulate_grad_batches", 1) or 1)
+    return cls(
+        model, recipe.optim, seed=recipe.seed, layer_tokens_per_step=per_step * accumulate,
+        total_layer_tokens=recipe.budget.max_layer_tokens, **extra,
+    )
+
+
+def method_of(callback: Callback) -> str | None:
+    """``"random_ltd"``, ``"curriculum"`` or None (a callback every variant keeps)."""
+    from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLengthWarmup
+
+    if isinstance(callback, RandomLTD):
+        return "random_ltd"
+    if isinstance(callback, (SeqLengthWarmup, CurriculumLearning)):
+        return "curriculum"
+    return None
+
+
+def _instantiate(spec: CallbackSpec, key: str, seed: int) -> Callback:
+    cls = import_class(spec.class_path, f"{key}.class_path")
+    args = dict(spec.init_args)
+    if "seed" in inspect.signature(cls.__init__).parameters and "seed" not in args:
+        args["seed"] = seed  # --seeds N varies the method's randomness too
+    try:
+        return cls(**args)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"invalid value for '{key}.init_args': {' '.join(str(exc).split())}") from None
+
+
+def _import_deepspeed(path: str) -> Any:
+    from lightning_dataeff.deepspeed_compat import import_deepspeed
+
+    try:
+        return import_deepspeed(path)
+    except ValueError as exc:
+        raise RecipeError(f"invalid DeepSpeed config {path}: {' '.join(str(exc).split())}") from None
+
+
+def build_callbacks(recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback] = ()) -> list[Callback]:
+    """The recipe's callbacks (those from a DeepSpeed config replace the same classes) kept for
+    ``recipe.variant``.
+
+    A ``CurriculumLearning`` without metrics is added when none is kept: it drives the step-indexed
+    sampler that makes resume exact for every variant.
+    """
+    from lightning_dataeff.callbacks import CurriculumLearning
+
+    callbacks = [_instantiate(s, f"callbacks[{i}]", recipe.seed) for i, s in enumerate(recipe.callbacks)]
+    imported = list(deepspeed_callbacks)
+    kinds = {type(cb) for cb in imported}
+    for cb in callbacks:
+        if type(cb) in kinds:
+            warnings.warn(f"{type(cb).__name__} from the recipe is replaced by the DeepSpeed config's", stacklevel=2)
+    callbacks = [cb for cb in callbacks if type(cb) not in kinds] + imported
+    keep = {"baseline": set(), "curriculum": {"curriculum"}, "random_ltd": {"random_ltd"}, "both": {"curriculum", "random_ltd"}}
+    allowed = keep[recipe.variant]
+    callbacks = [cb for cb in callbacks if method_of(cb) is None or method_of(cb) in allowed]
+    if not any(isinstance(cb, CurriculumLearning) for cb in callbacks):
+        callbacks.insert(0, CurriculumLearning(seed=recipe.seed))
+    return callbacks
+
+
+def _logger(recipe: RecipeConfig, out: Path) -> Any:
+    if recipe.logger == "none":
+        return False
+    if recipe.logger == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RecipeError("invalid value for 'logger': tensorboard is not installed (pip install tensorboard)") from None
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(out), name="logs", version="")
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(out), name="logs", version="")
+
+
+def _trainer(recipe: RecipeConfig, out: Path, callbacks: list[Callback]) -> L.Trainer:
+    kwargs: dict[str, Any] = {"num_sanity_val_steps": 0, "max_epochs": -1}
+    kwargs.update(recipe.trainer)
+    try:
+        return L.Trainer(
+            **kwargs,
+            callbacks=callbacks,
+            logger=_logger(recipe, out),
+            default_root_dir=str(out),
+            use_distributed_sampler=False,
+            gradient_clip_val=recipe.optim.gradient_clip_val,
+        )
+    except RecipeError:
+        raise
+    except Exception as exc:  # Lightning's MisconfigurationException, TypeError, ValueError
+        raise RecipeError(f"invalid value in 'trainer': {' '.join(str(exc).split())}") from None
+
+
+def fit(
+    recipe: RecipeConfig,
+    *,
+    deepspeed_config: str | None = None,
+    extra_callbacks: Iterable[Callback] = (),
+) -> dict[str, Any]:
+    """Train as ``recipe`` says; returns (and writes) ``summary.json``.
+
+    Writes to ``recipe.output_dir``: ``config.yaml``, ``metrics.csv``, ``checkpoints/`` (every
+    ``checkpoint_every_n_steps`` steps and ``last.ckpt``), logs and ``summary.json``. With
+    ``recipe.resume`` it continues from ``checkpoints/last.ckpt``.
+    """
+    from lightning_dataeff.callbacks.random_ltd import TokenBudget
+
+    out = Path(recipe.output_dir)
+    ckpt = out / _CHECKPOINT_DIR / "last.ckpt"
+    if recipe.budget.max_layer_tokens is None and recipe.budget.max_tokens is None and recipe.trainer.get("max_steps", -1) in (-1, None) and recipe.trainer.get("max_epochs", -1) in (-1, None):
+        raise RecipeError("the run has no end: set budget.max_layer_tokens, budget.max_tokens, trainer.max_steps or trainer.max_epochs")
+    ds_path = deepspeed_config or recipe.from_deepspeed
+    imported = _import_deepspeed(ds_path) if ds_path else None
+    if imported is not None and imported.layer_token_lr_schedule:
+        recipe = copy.deepcopy(recipe)
+        recipe.optim.schedule = "layer_tokens"
+    callbacks = build_callbacks(recipe, imported.callbacks if imported else ())
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    dm = build_datamodule(recipe)
+    dm.setup("fit")
+    module = build_module(recipe, dm)
+    budget = TokenBudget(
+        max_layer_tokens=recipe.budget.max_layer_tokens,
+        max_tokens=recipe.budget.max_tokens,
+        num_layers=count_blocks(module.model),
+    )
+    csv_cb = MetricsCSV(out / "metrics.csv", module.val_metric_name)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(out / _CHECKPOINT_DIR),
+        filename="step{step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=recipe.checkpoint_every_n_steps,
+        save_top_k=1,
+        save_last=True,
+    )
+    callbacks = [*callbacks, budget, csv_cb, checkpoint, *extra_callbacks]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(recipe_to_yaml(recipe))
+    trainer = _trainer(recipe, out, callbacks)
+    ckpt_path = None
+    if recipe.resume:
+        if ckpt.is_file():
+            ckpt_path = str(ckpt)
+        else:
+            warnings.warn(f"resume=true but {ckpt} does not exist: starting from scratch", stacklevel=2)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    val_steps = [r for r in csv_cb.rows if r["split"] == "val"]
+    if not val_steps or int(val_steps[-1]["step"]) != trainer.global_step:
+        trainer.validate(module, datamodule=dm, verbose=False)
+    summary = {
+        "recipe": recipe.name,
+        "variant": recipe.variant,
+        "seed": recipe.seed,
+        "task": recipe.task,
+        **csv_cb.summary(),
+        "budget": {"max_layer_tokens": recipe.budget.max_layer_tokens, "max_tokens": recipe.budget.max_tokens},
+        "stopped_by_budget": bool(budget_reached(budget, recipe)),
+    }
+    if trainer.is_global_zero:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def budget_reached(budget: Any, recipe: RecipeConfig) -> bool:
+    b = recipe.budget
+    return bool(
+        (b.max_layer_tokens is not None and budget.consumed_layer_tokens >= b.max_layer_tokens)
+        or (b.max_tokens is not None and budget.consumed_tokens >= b.max_tokens)
+    )
+
+
+def analyze(recipe: RecipeConfig, *, output_dir: str | None = None) -> Any:
+    """Run the curriculum data analyzer on the recipe's training set for its curriculum metrics."""
+    from lightning_dataeff.curriculum import analyze as run_analyzer
+
+    metrics: list[str] = []
+    analysis_dir = output_dir
+    for spec in recipe.callbacks:
+        if spec.class_path.rsplit(".", 1)[-1] == "CurriculumLearning":
+            metrics.extend((spec.init_args.get("metrics") or {}).keys())
+            analysis_dir = analysis_dir or spec.init_args.get("analysis_dir")
+    analysis_dir = analysis_dir or str(Path(recipe.output_dir) / "analysis")
+    dm = build_datamodule(copy.deepcopy(recipe))
+    dataset = dm.analysis_dataset()
+    return run_analyzer(dataset, metrics=tuple(metrics) or ("seqlen",), output_dir=analysis_dir)
