@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one prepared command for a session with a lent NVIDIA GPU (no Triton interpreter: real compilation).
+#   bash benchmarks/gpu_check.sh
+# 1. prints the GPU and the versions; 2. runs the kernel tests compiled for the GPU; 3. runs the kernel
+# benchmark at full shapes (benchmarks/results/kernels-<gpu name>.csv/.png); 4. runs
+# benchmarks/random_ltd_step.py when it exists. Each step has its own time limit so the whole script ends
+# within about 7 minutes on an H100 even if a step hangs. When $OUT is set (the device tool), the log and the
+# new result files are copied there (at most 8 files come back). Exit status: non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET DATAEFF_KERNELS
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+PY=${PYTHON:-python3}
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+STAMP=$(mktemp)
+LOG=${OUT:+$OUT/gpu_check.log}
+LOG=${LOG:-$RESULTS/gpu_check.log}
+exec > >(tee "$LOG") 2>&1
+status=0
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2 rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0))s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || status=1
+"$PY" - <<'PY' || status=1
+import platform, torch
+import triton
+print(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} triton {triton.__version__}")
+assert torch.cuda.is_available(), "no CUDA device visible"
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+PY
+[ "$status" -eq 0 ] || { echo "gpu_check: no usable CUDA device, nothing run"; exit 1; }
+
+step kernel-tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_sampling.py \
+    tests/test_kernels_compile.py
+step kernel-benchmark 210 "$PY" benchmarks/kernels.py
+if [ -f benchmarks/random_ltd_step.py ]; then
+    step random-ltd-step 90 "$PY" benchmarks/random_ltd_step.py --device cuda
+fi
+
+if [ -n "${OUT:-}" ]; then  # bring the new results back (the log is already there)
+    find "$RESULTS" -maxdepth 1 -type f -newer "$STAMP" \( -name '*.csv' -o -name '*.png' -o -name '*.md' \) \
+        | head -n 7 | xargs -r cp -t "$OUT"
+    ls -l "$OUT"
+fi
+rm -f "$STAMP"
+echo "gpu_check: $([ "$status" -eq 0 ] && echo OK || echo FAILED)"
+exit "$status"
