@@ -39,6 +39,12 @@ def test_test_session_runs_the_triton_kernels():
     assert tk.use_triton(torch.empty(1, device=DEVICE)), "tests would only exercise the torch path"
     with tk.use_torch_kernels():
         assert not tk.use_triton(torch.empty(1, device=DEVICE))
+    assert tk.use_triton(torch.empty(1, device=DEVICE))
+
+
+def test_env_var_forces_torch_path(monkeypatch):
+    monkeypatch.setenv("DATAEFF_KERNELS", "torch")
+    assert not tk.use_triton(torch.empty(1, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
