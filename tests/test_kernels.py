@@ -116,6 +116,18 @@ def test_non_contiguous_inputs_and_gradients():
     assert torch.equal(xg.grad, torch.ones_like(xg))
 
 
+@pytest.mark.parametrize("bsz,seq_len,k", [(1, 1, 1), (3, 70, 20), (2, 5000, 4999)])
+def test_inverse_index(bsz, seq_len, k):
+    if not tk.use_triton(torch.empty(1, device=DEVICE)):
+        pytest.skip("Triton unavailable")
+    from triton_kernels.gather_scatter import inverse_index
+
+    idx = _indices(bsz, seq_len, k).flip(1)  # unsorted rows
+    expected = torch.full((bsz, seq_len), -1, dtype=torch.int32, device=DEVICE)
+    expected.scatter_(1, idx, torch.arange(k, dtype=torch.int32, device=DEVICE).expand(bsz, k))
+    assert torch.equal(inverse_index(idx, seq_len), expected)
+
+
 def test_int32_and_unsorted_indices():
     x = _randn(2, 10, 3)
     idx = torch.tensor([[9, 0, 4], [3, 2, 1]], dtype=torch.int32, device=DEVICE)

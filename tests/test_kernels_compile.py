@@ -36,6 +36,7 @@ def _variants():
             sig = merge_sig | {"a_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
             for has_a, has_y in [(True, True), (False, True), (True, False)]:
                 yield gs._merge_kernel, sig, {"HAS_A": has_a, "HAS_Y": has_y} | tiles, 90, warps
+    yield gs._inverse_kernel, {"idx_ptr": "*i64", "inv_ptr": "*i32", "S": "i32", "K": "i32"}, {"BLOCK": 2048}, 90, 4
     sig = {"bits_ptr": "*i64", "keep_ptr": "*i8", "out_ptr": "*i64", "S": "i32", "K": "i32", "SHIFT": "i32"}
     for one_chunk, block, warps in [(True, 2048, 4), (True, 4096, 8), (False, 4096, 8)]:
         for has_keep in (True, False):
@@ -95,7 +96,7 @@ def test_all_kernels_compile_for_ampere_and_hopper():
     if proc.returncode == NO_TOOLCHAIN:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("ok sm_") == (len(DTYPES) + 2) * 5 + 6
+    assert proc.stdout.count("ok sm_") == (len(DTYPES) + 2) * 5 + 7
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ a torch path with identical results everywhere else. No imports of Lightning, tr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -78,11 +79,17 @@ def _keep_mask(keep_positions: Iterable[int], seq_len: int, num_keep: int, devic
         return None
     if min(positions) < -seq_len or max(positions) >= seq_len:
         raise IndexError(f"keep_positions entries must lie in [-{seq_len}, {seq_len}), got {positions}")
-    unique = sorted({p % seq_len for p in positions})
+    unique = tuple(sorted({p % seq_len for p in positions}))
     if len(unique) > num_keep:
         raise ValueError(f"keep_positions lists {len(unique)} distinct positions, more than num_keep={num_keep}")
+    return _cached_keep_mask(unique, seq_len, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_keep_mask(positions: tuple[int, ...], seq_len: int, device: torch.device) -> torch.Tensor:
+    """Read-only device mask, cached so that training steps do not copy it host-to-device every call."""
     mask = torch.zeros(seq_len, dtype=torch.bool)
-    mask[unique] = True
+    mask[list(positions)] = True
     return mask.to(device)
 
 

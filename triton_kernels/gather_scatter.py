@@ -55,6 +55,21 @@ def _merge_kernel(
     tl.store(out_ptr + rows[:, None] * H + cols[None, :], vals, mask=mask)
 
 
+@triton.jit
+def _inverse_kernel(idx_ptr, inv_ptr, S, K, BLOCK: tl.constexpr):
+    """inv[b, :] = -1, then inv[b, idx[b, k]] = k: one program per sample, ordered by a CTA barrier."""
+    batch = tl.program_id(0).to(tl.int64)
+    row = inv_ptr + batch * S
+    for start in range(0, S, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < S)
+    tl.debug_barrier()
+    for start in range(0, K, BLOCK):
+        slots = start + tl.arange(0, BLOCK)
+        pos = tl.load(idx_ptr + batch * K + slots, mask=slots < K, other=0)
+        tl.store(row + pos, slots, mask=slots < K)
+
+
 def _tiles(n_rows: int, width: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps): 4K-element tiles on GPUs (no register spills), 128K under the interpreter.
 
@@ -83,10 +98,12 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """``inv[b, s] = k`` where ``idx[b, k] == s``, else -1 (int32 ``[B, S]``)."""
-    inv = torch.full((idx.shape[0], seq_len), -1, dtype=torch.int32, device=idx.device)
-    slots = torch.arange(idx.shape[1], dtype=torch.int32, device=idx.device).expand_as(idx)
-    return inv.scatter_(1, idx, slots)
+    """``inv[b, s] = k`` where ``idx[b, k] == s``, else -1 (int32 ``[B, S]``), in one kernel launch."""
+    inv = torch.empty((idx.shape[0], seq_len), dtype=torch.int32, device=idx.device)
+    if inv.numel():
+        block = min(triton.next_power_of_2(max(seq_len, 1)), 1 << 16 if INTERPRET else 2048)
+        _inverse_kernel[(idx.shape[0],)](idx, inv, seq_len, idx.shape[1], BLOCK=block, num_warps=4)
+    return inv
 
 
 def merge_rows(
