@@ -15,15 +15,17 @@ from typing import Sequence
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one parser per command (parsed intermixed: options may follow overrides)."""
     parser = argparse.ArgumentParser(
         prog="dataeff",
         description="Data-efficient training recipes (curriculum learning, random-LTD) for PyTorch Lightning.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,analyze,compare}")
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = commands[name] = sub.add_parser(name, help=help_text, description=help_text, prog=f"dataeff {name}")
         p.add_argument("recipe", help="recipe YAML file, e.g. recipes/gpt2-tiny.yaml")
         p.add_argument("overrides", nargs="*", help="OmegaConf dotted overrides, e.g. optim.lr=3e-4 trainer.max_steps=10")
         p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--variants", help="comma-separated subset of baseline,curriculum,random_ltd,both")
     cmp.add_argument("--seeds", type=int, help="seeds per variant (mean and spread are reported)")
     cmp.add_argument("--output-dir", help="where comparison.md/.csv/.png go (default <output_dir>/comparison)")
-    return parser
+    return parser, commands
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -80,7 +82,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dataeff`` and ``python -m lightning_dataeff``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser, commands = build_parser()
+    if not argv or argv[0] not in commands:
+        parser.parse_args(argv)  # prints help or the usage error (exit 2)
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
     from lightning_dataeff.recipes.config import HubUnavailableError, RecipeError
 
     try:

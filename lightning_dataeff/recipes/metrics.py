@@ -87,8 +87,9 @@ class MetricsCSV(Callback):
         ltd = _find(trainer, "RandomLTD")
         kept = seq_len
         state = getattr(ltd, "state", None) if ltd is not None else None
-        if state is not None:
-            kept = min(int(state.kept_tokens), seq_len) if seq_len else int(state.kept_tokens)
+        if state is not None:  # the kept length the last forward used (capped by the batch's length)
+            last = getattr(state, "last_kept_tokens", None)
+            kept = int(last) if last is not None else state.kept_for(seq_len)
         row = {
             "step": trainer.global_step,
             "split": "train",

@@ -258,6 +258,9 @@ def analyze(recipe: RecipeConfig, *, output_dir: str | None = None) -> Any:
             metrics.extend((spec.init_args.get("metrics") or {}).keys())
             analysis_dir = analysis_dir or spec.init_args.get("analysis_dir")
     analysis_dir = analysis_dir or str(Path(recipe.output_dir) / "analysis")
-    dm = build_datamodule(copy.deepcopy(recipe))
-    dataset = dm.analysis_dataset()
-    return run_analyzer(dataset, metrics=tuple(metrics) or ("seqlen",), output_dir=analysis_dir)
+    if recipe.task != "causal_lm":
+        raise RecipeError("analyze: the curriculum analyzer measures token sequences; 'task' must be causal_lm")
+    dataset = build_datamodule(recipe).analysis_dataset()
+    return run_analyzer(
+        dataset, metrics=tuple(metrics) or ("seqlen", "vocab_rarity"), output_dir=analysis_dir, num_workers=recipe.data.num_workers
+    )
