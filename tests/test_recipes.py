@@ -1,0 +1,165 @@
+"""Recipe building blocks: the shipped YAMLs, datamodules on local folders, Hub errors, comparison maths."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dataeff.recipes import HubUnavailableError, ImageDataModule, TextDataModule, load_recipe
+from lightning_dataeff.recipes.comparison import _first_reach, format_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_DATAEFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "vit-tiny", "gpt2-finetune", "vit-finetune"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    assert recipe.name == name and recipe.budget.max_layer_tokens
+    ltd = [c for c in recipe.callbacks if c.class_path.endswith("RandomLTD")]
+    assert len(ltd) == 1
+    if name.startswith("vit"):
+        assert ltd[0].init_args["keep_positions"] == [0]  # the CLS token is never dropped
+
+
+def test_full_recipes_use_the_papers_settings():
+    gpt2 = load_recipe(ROOT / "recipes" / "gpt2-finetune.yaml")
+    warmup, ltd = (c.init_args for c in gpt2.callbacks)
+    assert gpt2.model.pretrained == "gpt2" and gpt2.data.seq_len == 1024 and gpt2.optim.schedule == "layer_tokens"
+    assert (warmup["min_len"], warmup["max_len"], warmup["mode"]) == (32, 1024, "reshape")
+    assert (ltd["min_tokens"], ltd["max_tokens"], ltd["layers"]) == (128, 1024, list(range(1, 11)))
+    steps = gpt2.budget.max_layer_tokens // (8 * 1024 * 12)
+    assert ltd["duration"] == round(0.3 * steps)  # 30% of the baseline's steps
+    vit = load_recipe(ROOT / "recipes" / "vit-finetune.yaml")
+    (ltd,) = (c.init_args for c in vit.callbacks)
+    assert (vit.data.image_size, ltd["min_tokens"], ltd["max_tokens"]) == (224, 32, 197)
+    steps = vit.budget.max_layer_tokens // (64 * 197 * 12)
+    assert abs(ltd["duration"] / steps - 10 / 14) < 0.01  # 10 of 14 epochs
+
+
+def test_text_datamodule_on_a_local_folder(tmp_path):
+    from lightning_dataeff.curriculum import CurriculumSampler
+
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 40)
+    dm = TextDataModule(str(tmp_path), seq_len=16, batch_size=4, vocab_size=300, val_fraction=0.2)
+    dm.setup()
+    assert dm.vocab_size <= 300 and dm.eos_id is not None
+    assert dm.train_set.blocks.shape[1] == 16 and len(dm.val_set) > 0
+    loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, CurriculumSampler)
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.long
+
+
+def test_image_datamodule_on_a_local_folder(tmp_path):
+    from PIL import Image
+
+    for c, color in enumerate([(255, 0, 0), (0, 0, 255)]):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(5):
+            Image.new("RGB", (10, 7), color).save(tmp_path / f"class{c}" / f"{i}.png")
+    dm = ImageDataModule(str(tmp_path), image_size=8, batch_size=2, num_channels=3, val_fraction=0.2)
+    dm.setup()
+    assert dm.num_labels == 2 and len(dm.train_set) + len(dm.val_set) == 10
+    item = dm.train_set[0]
+    assert item["pixel_values"].shape == (3, 8, 8) and item["labels"] in (0, 1)
+    assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
+
+
+def test_bad_local_sources_name_the_key(tmp_path):
+    from lightning_dataeff.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match="data.source"):
+        TextDataModule(str(tmp_path / "missing")).setup()
+    with pytest.raises(RecipeError, match="data.source"):
+        ImageDataModule(str(tmp_path)).setup()  # a folder without class sub-folders
+
+
+def _fake_datasets(exc: Exception) -> types.ModuleType:
+    mod = types.ModuleType("datasets")
+
+    def load_dataset(*args, **kwargs):
+        raise exc
+
+    mod.load_dataset = load_dataset
+    return mod
+
+
+@pytest.mark.parametrize("recipe, offline", [("gpt2-finetune", "gpt2-tiny"), ("vit-finetune", "vit-tiny")])
+def test_unreachable_hub_dataset_names_the_offline_recipe(recipe, offline, monkeypatch, capsys):
+    from lightning_dataeff.cli import main
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(ConnectionError("Couldn't reach the Hub")))
+    assert main(["fit", str(ROOT / "recipes" / f"{recipe}.yaml"), "trainer.accelerator=cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"recipes/{offline}.yaml" in err and "Hugging Face Hub" in err and "ConnectionError" in err
+
+
+def test_missing_datasets_package_names_the_offline_recipe(monkeypatch):
+    from lightning_dataeff.recipes.data import _load_hf_dataset
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(HubUnavailableError, match=r"lightning-dataeff\[hf\].*recipes/gpt2-tiny.yaml"):
+        _load_hf_dataset("hf:Salesforce/wikitext:wikitext-2-raw-v1", "causal_lm")
+
+
+@pytest.mark.parametrize("task, cls, offline", [
+    ("causal_lm", "GPT2LMHeadModel", "gpt2-tiny"), ("image_classification", "ViTForImageClassification", "vit-tiny"),
+])
+def test_unreachable_hub_model_names_the_offline_recipe(task, cls, offline, monkeypatch):
+    import transformers
+
+    from lightning_dataeff.recipes.models import build_hf_model
+
+    def offline_error(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", offline_error)
+    with pytest.raises(HubUnavailableError, match=f"recipes/{offline}.yaml"):
+        build_hf_model(task, "some/model", {}, num_labels=10)
+
+
+def test_hub_tokenizer_error_names_the_offline_recipe(monkeypatch):
+    import transformers
+
+    from lightning_dataeff.recipes.data import _Encoder
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(HubUnavailableError, match="tokenizer 'gpt2'.*recipes/gpt2-tiny.yaml"):
+        _Encoder("gpt2", ["text"], 300, None)
+
+
+def test_first_reach_and_table():
+    curve = [(100, 5.0, 1), (200, 4.0, 2), (300, 3.5, 3)]
+    assert _first_reach(curve, 4.0) == 200 and _first_reach(curve, 3.0) is None
+    rows = [
+        {"variant": v, "steps": s, "consumed_tokens": 10, "consumed_layer_tokens": 300, "final_val_loss": f,
+         "best_val_loss": f, "final_perplexity": 2.0, "best_perplexity": 2.0, "reach_layer_tokens": r, "wall_time_s": 1.0}
+        for v, s, f, r in [("baseline", 3, 3.5, 300), ("random_ltd", 4, 3.2, 240), ("random_ltd", 4, 3.4, 270),
+                           ("both", 4, 3.9, None)]
+    ]
+    table = format_table(rows, "perplexity", ["baseline", "random_ltd", "both"], 3.5, "baseline")
+    lines = table.splitlines()
+    assert len(lines) == 5
+    assert "| random_ltd | 2 |" in lines[3] and "3.3000 ± 0.1414" in lines[3] and "+15.0%" in lines[3]
+    assert "not reached" in lines[4]
+
+
+def test_analyze_command_writes_the_analysis(tmp_path):
+    from lightning_dataeff.cli import main
+    from lightning_dataeff.curriculum import load_analysis
+
+    out = tmp_path / "run"
+    assert main(["analyze", str(ROOT / "recipes" / "gpt2-tiny.yaml"), f"output_dir={out}", "data.vocab_size=512"]) == 0
+    analysis = load_analysis(out / "analysis")
+    assert set(analysis) == {"seqlen", "vocab_rarity"}
