@@ -7,7 +7,8 @@ an AdamW step. For each kept ratio it reports the median step time, its ratio to
 FLOP-ideal ratio (matmul FLOPs of blocks, attention and head at the kept lengths), and memory: peak
 allocated memory on CUDA, or on CPU the bytes of activations saved for backward (autograd saved tensors).
 Configurations are timed round-robin (one step each per round) so that load drift on a shared machine
-affects them alike.
+affects them alike. On CPU the default clock is the process CPU time with one torch thread, which other
+processes competing for the cores barely disturb (wall time is reported too); on CUDA it is wall time.
 
 Usage: python benchmarks/random_ltd_step.py [--device cpu|cuda] [--repeats 5] [--smoke]
 Writes benchmarks/results/random_ltd_step-<device>.{csv,png,md}.
@@ -95,9 +96,10 @@ class Runner:
             self.state = apply_random_ltd(self.model, kept_tokens=self.kept, keep_positions=spec.keep_positions)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.times: list[float] = []
+        self.wall: list[float] = []
         self.memory = 0
 
-    def step(self, measure_memory: bool = False) -> None:
+    def step(self, measure_memory: bool = False, clock=time.perf_counter) -> None:
         sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
         saved = [0]
 
@@ -108,7 +110,7 @@ class Runner:
         sync()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start, wall = clock(), time.perf_counter()
         if measure_memory and self.device != "cuda":
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = self.model(**self.inputs).loss
@@ -118,27 +120,29 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync()
-        elapsed = time.perf_counter() - start
+        elapsed, wall = clock() - start, time.perf_counter() - wall
         if measure_memory:
             self.memory = torch.cuda.max_memory_allocated() if self.device == "cuda" else saved[0]
         else:
             self.times.append(elapsed)
+            self.wall.append(wall)
 
     def close(self) -> None:
         if self.kept is not None:
             remove_random_ltd(self.model)
 
 
-def run_model(spec: Spec, device: str, repeats: int, warmup: int) -> list[dict]:
+def run_model(spec: Spec, device: str, repeats: int, warmup: int, clock) -> list[dict]:
     runners = [Runner(spec, device, None)] + [Runner(spec, device, r) for r in RATIOS]
     for r in runners:
         r.step(measure_memory=True)
         for _ in range(warmup):
             r.step()
         r.times.clear()
+        r.wall.clear()
     for _ in range(repeats):
         for r in runners:
-            r.step()
+            r.step(clock=clock)
     base = runners[0]
     base_t = statistics.median(base.times)
     rows = []
@@ -153,6 +157,7 @@ def run_model(spec: Spec, device: str, repeats: int, warmup: int) -> list[dict]:
             "step_s_median": round(t, 5),
             "step_s_min": round(min(r.times), 5),
             "step_s_max": round(max(r.times), 5),
+            "wall_s_median": round(statistics.median(r.wall), 5),
             "ratio_to_unpatched": round(t / base_t, 4),
             "flop_ideal_ratio": round(flops(spec, r.kept) / flops(spec, None), 4),
             "memory_mb": round(r.memory / 2**20, 2),
@@ -211,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (round-robin)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave the default)")
+    ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                    help="auto: process CPU time on CPU, wall time on CUDA")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat, no files written")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -223,15 +230,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         specs = [Spec("gpt2-like (12L, d=256, S=512, B=4)", 12, 256, 4, 512, 4, vocab=512),
                  Spec("vit-like (12L, d=256, 197 tokens, B=8)", 12, 256, 4, 197, 8, keep_positions=(0,))]
+    use_cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu")
+    clock = time.process_time if use_cpu_clock else time.perf_counter
+    clock_name = "process CPU time" if use_cpu_clock else "wall time"
     rows = []
     for spec in specs:
-        rows += run_model(spec, args.device, args.repeats, args.warmup)
+        rows += run_model(spec, args.device, args.repeats, args.warmup, clock)
     cols = list(rows[0])
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
-    info = machine(args.device)
+    info = machine(args.device) + f"\nstep_s_* clock: {clock_name}; wall_s_median: wall time"
     print(info)
     if args.smoke:
         return
