@@ -38,6 +38,7 @@ _EXPORTS = {
     "CurriculumSampler": "lightning_dataeff.curriculum",
     # callbacks
     "RandomLTD": "lightning_dataeff.callbacks",
+    "TokenBudget": "lightning_dataeff.callbacks",
     "SeqLengthWarmup": "lightning_dataeff.callbacks",
     "CurriculumLearning": "lightning_dataeff.callbacks",
 }
