@@ -60,14 +60,18 @@ def _inverse_kernel(idx_ptr, inv_ptr, S, K, BLOCK: tl.constexpr):
     """inv[b, :] = -1, then inv[b, idx[b, k]] = k: one program per sample, ordered by a CTA barrier."""
     batch = tl.program_id(0).to(tl.int64)
     row = inv_ptr + batch * S
-    for start in range(0, S, BLOCK):
+    start = tl.full([], 0, tl.int32)
+    while start < S:  # while, not range(): the Triton 3.6 interpreter cannot range over scalar arguments
         offs = start + tl.arange(0, BLOCK)
         tl.store(row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < S)
+        start += BLOCK
     tl.debug_barrier()
-    for start in range(0, K, BLOCK):
+    start = tl.full([], 0, tl.int32)
+    while start < K:
         slots = start + tl.arange(0, BLOCK)
         pos = tl.load(idx_ptr + batch * K + slots, mask=slots < K, other=0)
         tl.store(row + pos, slots, mask=slots < K)
+        start += BLOCK
 
 
 def _tiles(n_rows: int, width: int) -> tuple[int, int, int]:

@@ -35,9 +35,11 @@ def _count_le(row_ptr, keep_ptr, keys, threshold, S, SHIFT, HAS_KEEP: tl.constex
         count = tl.sum((keys <= threshold).to(tl.int32), axis=0)
     else:
         count = tl.full([], 0, tl.int32)
-        for start in range(0, S, BLOCK):
+        start = tl.full([], 0, tl.int32)
+        while start < S:  # while, not range(): the Triton 3.6 interpreter cannot range over scalar arguments
             chunk = _keys(row_ptr, keep_ptr, start + tl.arange(0, BLOCK), S, SHIFT, HAS_KEEP)
             count += tl.sum((chunk <= threshold).to(tl.int32), axis=0)
+            start += BLOCK
     return count
 
 
@@ -56,17 +58,19 @@ def _select_kernel(bits_ptr, keep_ptr, out_ptr, S, K, SHIFT,
         enough = count >= K
         hi = tl.where(enough, mid, hi)
         lo = tl.where(count == K, mid, tl.where(enough, lo, mid + 1))  # stop early once exactly K are <= mid
-    written = tl.full([], 0, tl.int32)
-    for start in range(0, S, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        if ONE_CHUNK:
-            chunk = keys
-        else:
-            chunk = _keys(row_ptr, keep_ptr, offs, S, SHIFT, HAS_KEEP)
-        take = (chunk <= hi).to(tl.int32)
-        dest = written + tl.cumsum(take, axis=0) - 1
-        tl.store(out_row + dest, offs.to(tl.int64), mask=take != 0)
-        written += tl.sum(take, axis=0)
+    if ONE_CHUNK:
+        offs = tl.arange(0, BLOCK)
+        take = (keys <= hi).to(tl.int32)
+        tl.store(out_row + tl.cumsum(take, axis=0) - 1, offs.to(tl.int64), mask=take != 0)
+    else:
+        written = tl.full([], 0, tl.int32)
+        start = tl.full([], 0, tl.int32)
+        while start < S:
+            offs = start + tl.arange(0, BLOCK)
+            take = (_keys(row_ptr, keep_ptr, offs, S, SHIFT, HAS_KEEP) <= hi).to(tl.int32)
+            tl.store(out_row + written + tl.cumsum(take, axis=0) - 1, offs.to(tl.int64), mask=take != 0)
+            written += tl.sum(take, axis=0)
+            start += BLOCK
 
 
 def select_smallest_triton(
