@@ -1,8 +1,9 @@
 """The ``dataeff`` command line: ``fit``, ``analyze`` and ``compare`` a YAML recipe.
 
 Recipe problems (unknown key, wrong type, out-of-range value, missing or unparsable file) print one
-line naming the key or file and exit with code 2; a Hub model or dataset that cannot be loaded exits
-with code 1 and names the offline recipe. Neither prints a traceback.
+line naming the key or file and exit with code 2; a Hub model or dataset that cannot be loaded, or a
+missing optional package, exits with code 1 and says what to do (the Hub error names the offline
+recipe). None of them prints a traceback.
 """
 
 from __future__ import annotations
@@ -97,6 +98,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HubUnavailableError as exc:
         print(f"dataeff: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"dataeff: error: the recipes need the package {exc.name!r}: pip install {extra}", file=sys.stderr)
+        return 1
+
+
+# Optional packages the recipes import, and how to install them.
+_EXTRAS = {
+    "transformers": "'lightning-dataeff[hf]'",
+    "tokenizers": "'lightning-dataeff[hf]'",
+    "datasets": "'lightning-dataeff[hf]'",
+    "matplotlib": "'lightning-dataeff[bench]'",
+    "sklearn": "scikit-learn",
+    "PIL": "pillow",
+    "tensorboard": "tensorboard",
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

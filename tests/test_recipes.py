@@ -163,3 +163,12 @@ def test_analyze_command_writes_the_analysis(tmp_path):
     assert main(["analyze", str(ROOT / "recipes" / "gpt2-tiny.yaml"), f"output_dir={out}", "data.vocab_size=512"]) == 0
     analysis = load_analysis(out / "analysis")
     assert set(analysis) == {"seqlen", "vocab_rarity"}
+
+
+def test_missing_optional_package_says_how_to_install(monkeypatch, capsys):
+    from lightning_dataeff.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["fit", str(ROOT / "recipes" / "gpt2-tiny.yaml"), "trainer.max_steps=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "'transformers'" in err and "lightning-dataeff[hf]" in err and len(err.splitlines()) == 1

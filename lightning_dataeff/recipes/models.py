@@ -143,7 +143,7 @@ class RecipeModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.log("val_loss", self.val_loss.compute(), prog_bar=True)
         self.val_loss.reset()
         metric = self._val_metric()
         self.log(self.val_metric_name, metric.compute(), prog_bar=True)

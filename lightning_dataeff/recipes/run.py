@@ -185,8 +185,12 @@ def fit(
 
     out = Path(recipe.output_dir)
     ckpt = out / _CHECKPOINT_DIR / "last.ckpt"
-    if recipe.budget.max_layer_tokens is None and recipe.budget.max_tokens is None and recipe.trainer.get("max_steps", -1) in (-1, None) and recipe.trainer.get("max_epochs", -1) in (-1, None):
-        raise RecipeError("the run has no end: set budget.max_layer_tokens, budget.max_tokens, trainer.max_steps or trainer.max_epochs")
+    ends = [recipe.budget.max_layer_tokens, recipe.budget.max_tokens, recipe.trainer.get("max_steps", -1),
+            recipe.trainer.get("max_epochs", -1)]
+    if all(v in (None, -1) for v in ends):
+        raise RecipeError(
+            "the run has no end: set budget.max_layer_tokens, budget.max_tokens, trainer.max_steps or trainer.max_epochs"
+        )
     ds_path = deepspeed_config or recipe.from_deepspeed
     imported = _import_deepspeed(ds_path) if ds_path else None
     if imported is not None and imported.layer_token_lr_schedule:
