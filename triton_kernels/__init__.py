@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 from ._checks import as_int, check_float, check_index, check_same_device
-from ._dispatch import HAS_TRITON, INTERPRET, use_torch_kernels, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, device_of, use_torch_kernels, use_triton
 
 __all__ = [
     "sample_token_indices",
@@ -62,7 +62,8 @@ def sample_token_indices(
     if use_triton(bits):
         from .sampling import select_smallest_triton
 
-        idx = select_smallest_triton(bits, num_keep, keep)
+        with device_of(bits):
+            idx = select_smallest_triton(bits, num_keep, keep)
     else:
         idx = reference.select_smallest(reference.sampling_keys(bits, keep), num_keep)
     return idx.view(num_layers, batch_size, num_keep)
@@ -106,7 +107,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check: bool = True) -> 
     if use_triton(x):
         from .gather_scatter import GatherTokens
 
-        return GatherTokens.apply(x, idx)
+        with device_of(x):
+            return GatherTokens.apply(x, idx)
     return reference.gather_tokens(x, idx)
 
 
@@ -134,7 +136,8 @@ def scatter_tokens(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *, check
     if use_triton(x):
         from .gather_scatter import ScatterTokens
 
-        return ScatterTokens.apply(x, y, idx)
+        with device_of(x):
+            return ScatterTokens.apply(x, y, idx)
     return reference.scatter_tokens(x, y, idx)
 
 

@@ -41,3 +41,8 @@ def use_triton(t: torch.Tensor) -> bool:
     if not HAS_TRITON or _FORCE_TORCH.get() or os.environ.get("DATAEFF_KERNELS", "").lower() == "torch":
         return False
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
+
+
+def device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU current while launching (Triton launches on the current device); no-op on CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
