@@ -98,7 +98,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check: bool = True) -> 
     """Kept tokens ``out[b, k] = x[b, idx[b, k]]``: ``x[B, S, H]``, ``idx[B, K]`` -> ``[B, K, H]``.
 
     Autograd-aware (backward writes the gradient into the kept rows of a zero tensor). Rows of ``idx`` must
-    hold distinct positions in ``[0, S)``; ``check=False`` skips the value checks (one device sync).
+    hold distinct positions in ``[0, S)``. ``check=False`` skips these value checks (one device sync); the
+    caller then guarantees them (e.g. indices from :func:`sample_token_indices`), as bad values are not caught.
     """
     check_float(x, "x", (3,))
     idx = check_index(
@@ -117,7 +118,7 @@ def scatter_tokens(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *, check
 
     One pass: untouched rows are copied and kept rows inserted together. Autograd-aware (grad of ``x`` is the
     output gradient with kept rows zeroed, grad of ``y`` is the output gradient gathered). ``y`` must have the
-    dtype of ``x``. ``check=False`` skips the value checks on ``idx``.
+    dtype of ``x``. ``check=False`` skips the value checks on ``idx`` (the caller guarantees them).
     """
     check_float(x, "x", (3,))
     check_float(y, "y", (3,))
