@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-import triton_kernels as tk
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import triton_kernels as tk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name, B, S, H, kept-token counts
