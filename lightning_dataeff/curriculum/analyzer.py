@@ -23,14 +23,15 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from lightning_dataeff.curriculum.metrics import (
+    chunk_tokens,
     dataset_fingerprint,
-    item_tokens,
     lexicographic_seqlen_rarity,
     resolve_metrics,
     segment_sums,
@@ -118,13 +119,13 @@ def analyze(
     mine = [i for i in range(num_chunks) if not sharded or i % num_shards == shard_id]
     _JOB.update(dataset=dataset, specs=specs, meta=meta, work=work, neglogp=None)
     try:
-        _run_chunks("map", mine, workers, progress)
-        if _needs_rarity(specs) and os.path.exists(os.path.join(work, "unigram_counts.npy")):
-            _JOB["neglogp"] = _neglogp(np.load(os.path.join(work, "unigram_counts.npy")))
-            _run_chunks("rarity", mine, workers, progress)
-        if sharded:
-            return None
-        return _finalize(dataset, out, work, meta, specs, workers, progress)
+        with _Workers(workers) as pool:
+            pool.run("map", mine, progress)
+            if _needs_rarity(specs) and os.path.exists(os.path.join(work, "unigram_counts.npy")):
+                pool.run("rarity", mine, progress)
+            if sharded:
+                return None
+            return _finalize(out, work, meta, specs, pool, progress)
     finally:
         _JOB.clear()
 
@@ -169,7 +170,8 @@ def merge_analysis(
         specs[name] = spec if spec in ("seqlen", "vocab_rarity", "seqlen_vocab_rarity") else None
     _JOB.update(dataset=dataset, specs=specs, meta=meta, work=work, neglogp=None)
     try:
-        return _finalize(dataset, out, work, meta, specs, _check_workers(num_workers), progress)
+        with _Workers(_check_workers(num_workers)) as pool:
+            return _finalize(out, work, meta, specs, pool, progress)
     finally:
         _JOB.clear()
 
@@ -330,8 +332,8 @@ def _needs_seqlen(specs: Mapping[str, Any]) -> bool:
 # work directory and chunks
 
 
-def _chunk_path(work: str, phase: str, i: int) -> str:
-    return os.path.join(work, f"{phase}-{i:07d}.npz")
+def _chunk_path(work: str, phase: str, i: int, ext: str = ".npz") -> str:
+    return os.path.join(work, f"{phase}-{i:07d}{ext}")
 
 
 def _save_atomic(path: str, arr: np.ndarray) -> None:
@@ -378,28 +380,54 @@ def _complete(out: str, meta: dict) -> bool:
     return True
 
 
-def _run_chunks(phase: str, chunks: list[int], workers: int, progress: bool) -> None:
-    work = _JOB["work"]
-    todo = [i for i in chunks if not os.path.exists(_chunk_path(work, phase, i))]
-    if not todo:
-        return
-    fn = _map_chunk if phase == "map" else _rarity_chunk
-    bar = _progress(len(chunks), len(chunks) - len(todo), f"analyze ({phase})", progress)
-    try:
+class _Workers:
+    """A forked process pool, created on first use and shared by every pass of one analysis."""
+
+    def __init__(self, workers: int) -> None:
         if workers > 1 and "fork" not in mp.get_all_start_methods():
             warnings.warn("analyze: the 'fork' start method is unavailable here; running in one process")
             workers = 1
-        if workers <= 1 or len(todo) == 1:
-            for i in todo:
-                fn(i)
-                bar.update(1)
-        else:
-            ctx = mp.get_context("fork")  # workers inherit _JOB (dataset, metric functions)
-            with ctx.Pool(min(workers, len(todo))) as pool:
-                for _ in pool.imap_unordered(fn, todo):
+        self.workers = workers
+        self.pool = None
+
+    def run(self, phase: str, chunks: list[int], progress: bool) -> None:
+        work = _JOB["work"]
+        ext = ".npz" if phase == "map" else ".npy"
+        todo = [i for i in chunks if not os.path.exists(_chunk_path(work, phase, i, ext))]
+        if not todo:
+            return
+        fn = _map_chunk if phase == "map" else _rarity_chunk
+        bar = _progress(len(chunks), len(chunks) - len(todo), f"analyze ({phase})", progress)
+        try:
+            if self.workers <= 1 or len(todo) == 1:
+                for i in todo:
+                    fn(i)
                     bar.update(1)
-    finally:
-        bar.close()
+            else:
+                if self.pool is None:  # workers inherit _JOB (dataset, metric functions) by forking
+                    self.pool = mp.get_context("fork").Pool(self.workers, initializer=_worker_init)
+                for _ in self.pool.imap_unordered(fn, todo):
+                    bar.update(1)
+        finally:
+            bar.close()
+
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, exc_type, *args) -> None:
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+
+
+def _worker_init() -> None:
+    """Like DataLoader workers: one intra-op thread per worker (forked OpenMP pools can deadlock)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -416,20 +444,26 @@ def _chunk_items(i: int) -> tuple[int, list[Any]]:
 
 
 def _map_chunk(i: int) -> int:
-    """Pass 1 on chunk i: lengths, user metrics and (for vocab rarity) unigram counts."""
+    """Pass 1 on chunk i: lengths, user metrics and (for vocab rarity) unigram counts.
+
+    For vocab rarity the chunk's tokens are also cached (smallest unsigned dtype) so the second pass
+    does not read the dataset again; the cache is deleted once the chunk's rarity is written.
+    """
     specs, meta, work = _JOB["specs"], _JOB["meta"], _JOB["work"]
     start, items = _chunk_items(i)
     arrays: dict[str, np.ndarray] = {}
     if _needs_seqlen(specs):
-        toks = [item_tokens(it, meta["pad_token_id"]) for it in items]
-        arrays["_seqlen"] = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
-        if _needs_rarity(specs) and meta["vocab_counts_sha"] is None:
-            cat = np.concatenate(toks) if toks else np.zeros(0, np.int64)
+        cat, arrays["_seqlen"] = chunk_tokens(items, meta["pad_token_id"])
+        if _needs_rarity(specs):
             if len(cat) and cat.min() < 0:
                 raise ValueError(f"negative token id in samples {start}..{start + len(items) - 1}")
-            c = np.bincount(cat)
-            nz = np.flatnonzero(c)
-            arrays["_count_ids"], arrays["_count_values"] = nz, c[nz]
+            if meta["vocab_counts_sha"] is None:
+                c = np.bincount(cat)
+                nz = np.flatnonzero(c)
+                arrays["_count_ids"], arrays["_count_values"] = nz, c[nz]
+            top = int(cat.max()) if len(cat) else 0
+            dtype = np.uint16 if top < 2**16 else np.uint32 if top < 2**32 else np.int64
+            _save_atomic(_chunk_path(work, "tokens", i, ".npy"), cat.astype(dtype))
     for name, spec in specs.items():
         if callable(spec):
             arrays[name] = user_values(spec, name, items, start)
@@ -439,17 +473,27 @@ def _map_chunk(i: int) -> int:
 
 def _rarity_chunk(i: int) -> int:
     """Pass 2 on chunk i: per-sample sum of -log p(token)."""
-    meta, work, neglogp = _JOB["meta"], _JOB["work"], _JOB["neglogp"]
-    start, items = _chunk_items(i)
-    toks = [item_tokens(it, meta["pad_token_id"]) for it in items]
-    lengths = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
-    cat = np.concatenate(toks) if toks else np.zeros(0, np.int64)
-    if len(cat) and (cat.min() < 0 or cat.max() >= len(neglogp)):
-        bad = int(cat.max()) if len(cat) and cat.max() >= len(neglogp) else int(cat.min())
+    meta, work = _JOB["meta"], _JOB["work"]
+    if _JOB.get("neglogp") is None:  # once per process (workers fork before the counts exist)
+        _JOB["neglogp"] = _neglogp(np.load(os.path.join(work, "unigram_counts.npy")))
+    neglogp = _JOB["neglogp"]
+    cache = _chunk_path(work, "tokens", i, ".npy")
+    with np.load(_chunk_path(work, "map", i)) as z:
+        lengths = z["_seqlen"]
+    if os.path.exists(cache):
+        cat = np.load(cache)
+    else:  # e.g. a merge on a machine that did not run this chunk's job
+        start, items = _chunk_items(i)
+        cat, _ = chunk_tokens(items, meta["pad_token_id"])
+    if len(cat) and cat.max() >= len(neglogp):
+        start = i * meta["chunk_size"]
         raise ValueError(
-            f"token id {bad} in samples {start}..{start + len(items) - 1} is outside vocab_counts (size {len(neglogp)})"
+            f"token id {int(cat.max())} in samples {start}..{start + len(lengths) - 1} is outside vocab_counts "
+            f"(size {len(neglogp)})"
         )
-    _save_atomic(_chunk_path(work, "rarity", i), segment_sums(neglogp[cat], lengths))
+    _save_atomic(_chunk_path(work, "rarity", i, ".npy"), segment_sums(neglogp[cat], lengths))
+    if os.path.exists(cache):
+        os.remove(cache)
     return i
 
 
@@ -473,16 +517,15 @@ def _reduce_counts(work: str, num_chunks: int) -> np.ndarray:
 # finalize: gather chunks, write per-metric arrays and headers
 
 
-def _finalize(dataset, out, work, meta, specs, workers, progress) -> dict[str, MetricAnalysis]:
+def _finalize(out: str, work: str, meta: dict, specs: Mapping[str, Any], pool: _Workers,
+              progress: bool) -> dict[str, MetricAnalysis]:
     n = meta["num_samples"]
     num_chunks = math.ceil(n / meta["chunk_size"])
     if _needs_rarity(specs):
         counts_path = os.path.join(work, "unigram_counts.npy")
         if not os.path.exists(counts_path):
             _save_atomic(counts_path, _reduce_counts(work, num_chunks))
-        if _JOB.get("neglogp") is None:
-            _JOB["neglogp"] = _neglogp(np.load(counts_path))
-        _run_chunks("rarity", list(range(num_chunks)), workers, progress)
+        pool.run("rarity", list(range(num_chunks)), progress)
 
     columns: dict[str, list[np.ndarray]] = {}
     for i in range(num_chunks):
@@ -491,7 +534,7 @@ def _finalize(dataset, out, work, meta, specs, workers, progress) -> dict[str, M
                 if not k.startswith("_count"):
                     columns.setdefault(k, []).append(z[k])
         if _needs_rarity(specs):
-            columns.setdefault("_rarity", []).append(np.load(_chunk_path(work, "rarity", i)))
+            columns.setdefault("_rarity", []).append(np.load(_chunk_path(work, "rarity", i, ".npy")))
     merged = {}
     for k, parts in columns.items():
         if any(p.dtype.kind == "f" for p in parts):

@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "BUILTIN_METRICS",
     "item_tokens",
+    "chunk_tokens",
     "dataset_fingerprint",
     "resolve_metrics",
     "segment_sums",
@@ -34,6 +35,65 @@ def item_tokens(item: Any, pad_token_id: int | None = None) -> np.ndarray:
     Items are a dict with ``input_ids`` (and optionally ``attention_mask``: tokens with mask 0 are
     padding), or a 1-D tensor / array / list of token ids (``pad_token_id`` marks padding if given).
     """
+    ids, mask = _item_arrays(item)
+    if mask is not None:
+        ids = ids[mask != 0]
+    elif pad_token_id is not None:
+        ids = ids[ids != pad_token_id]
+    return ids.astype(np.int64, copy=False)
+
+
+def chunk_tokens(items: Sequence[Any], pad_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Non-padding tokens of several items, concatenated (int64), and the per-item token counts.
+
+    Items of equal padded length are stacked and masked in one vectorized operation.
+    """
+    if not items:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    stacked = _stack_tensor_items(items)
+    if stacked is not None:
+        ids, mask = stacked
+        keep = mask != 0 if mask is not None else ids != pad_token_id if pad_token_id is not None else None
+        if keep is None:
+            return ids.reshape(-1), np.full(len(items), ids.shape[1], dtype=np.int64)
+        return ids[keep], keep.sum(1).astype(np.int64)
+    pairs = [_item_arrays(it) for it in items]
+    width = len(pairs[0][0])
+    has_mask = pairs[0][1] is not None
+    if all(len(ids) == width and (m is not None) == has_mask for ids, m in pairs):
+        ids = np.stack([p[0] for p in pairs]).astype(np.int64, copy=False)
+        if has_mask:
+            keep = np.stack([p[1] for p in pairs]) != 0
+        elif pad_token_id is not None:
+            keep = ids != pad_token_id
+        else:
+            return ids.reshape(-1), np.full(len(items), width, dtype=np.int64)
+        return ids[keep], keep.sum(1).astype(np.int64)
+    toks = [item_tokens(it, pad_token_id) for it in items]
+    return np.concatenate(toks), np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+
+
+def _stack_tensor_items(items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Fast path: dict items holding equally shaped 1-D CPU torch tensors, stacked by torch."""
+    import torch
+
+    first = items[0]
+    if not isinstance(first, dict) or not isinstance(first.get("input_ids"), torch.Tensor):
+        return None
+    has_mask = isinstance(first.get("attention_mask"), torch.Tensor)
+    try:
+        ids = torch.stack([it["input_ids"] for it in items])
+        mask = torch.stack([it["attention_mask"] for it in items]) if has_mask else None
+    except (KeyError, TypeError, RuntimeError):  # ragged, mixed or missing entries: generic path
+        return None
+    if ids.dim() != 2 or ids.device.type != "cpu" or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        return None
+    if mask is not None and (mask.shape != ids.shape or mask.device.type != "cpu"):
+        return None
+    return ids.numpy().astype(np.int64, copy=False), None if mask is None else mask.numpy()
+
+
+def _item_arrays(item: Any) -> tuple[np.ndarray, np.ndarray | None]:
     mask = None
     if isinstance(item, Mapping):
         if "input_ids" not in item:
@@ -48,16 +108,16 @@ def item_tokens(item: Any, pad_token_id: int | None = None) -> np.ndarray:
         mask = _as_array(mask, "attention_mask")
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
-        ids = ids[mask.astype(bool)]
-    elif pad_token_id is not None:
-        ids = ids[ids != pad_token_id]
-    return ids.astype(np.int64, copy=False)
+    return ids, mask
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    if isinstance(x, np.ndarray):
+        arr = x
+    elif hasattr(x, "detach"):  # torch tensor
+        arr = x.numpy() if x.device.type == "cpu" and not x.requires_grad else x.detach().cpu().numpy()
+    else:
+        arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(
             f"{name} of a dataset item must be 1-D (one sample, no batch dimension), got shape {arr.shape}"
