@@ -61,14 +61,16 @@ def _select_kernel(bits_ptr, keep_ptr, out_ptr, S, K, SHIFT,
     if ONE_CHUNK:
         offs = tl.arange(0, BLOCK)
         take = (keys <= hi).to(tl.int32)
-        tl.store(out_row + tl.cumsum(take, axis=0) - 1, offs.to(tl.int64), mask=take != 0)
+        dest = tl.cumsum(take, axis=0) - 1
+        tl.store(out_row + dest, offs.to(tl.int64), mask=(take != 0) & (dest < K))  # dest < K: never out of row
     else:
         written = tl.full([], 0, tl.int32)
         start = tl.full([], 0, tl.int32)
         while start < S:
             offs = start + tl.arange(0, BLOCK)
             take = (_keys(row_ptr, keep_ptr, offs, S, SHIFT, HAS_KEEP) <= hi).to(tl.int32)
-            tl.store(out_row + written + tl.cumsum(take, axis=0) - 1, offs.to(tl.int64), mask=take != 0)
+            dest = written + tl.cumsum(take, axis=0) - 1
+            tl.store(out_row + dest, offs.to(tl.int64), mask=(take != 0) & (dest < K))
             written += tl.sum(take, axis=0)
             start += BLOCK
 
