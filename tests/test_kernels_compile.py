@@ -45,21 +45,22 @@ def _variants():
 
 def _spilled_bytes(ptx: str, arch: int) -> int | None:
     """Register spill stores reported by ``ptxas -v`` (None when the bundled ptxas cannot be located)."""
-    try:
+    try:  # private API whose signature moved between triton releases; the spill check is best effort
         from triton.backends.nvidia.compiler import get_ptxas
 
         try:
-            tool = get_ptxas(arch)
-        except TypeError:  # older signature without the architecture
-            tool = get_ptxas()
-    except Exception:  # noqa: BLE001 - private API; the spill check is best effort
+            ptxas = get_ptxas(arch).path
+        except TypeError:
+            ptxas = get_ptxas().path
+    except Exception:  # noqa: BLE001
         return None
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as fh:
             fh.write(ptx)
-        proc = subprocess.run([tool.path, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                               src, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        cmd = [ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     found = re.findall(r"(\d+) bytes spill stores", proc.stderr)
     return sum(map(int, found)) if proc.returncode == 0 and found else None
 
