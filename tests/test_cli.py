@@ -155,6 +155,7 @@ class _Crash(Callback):
             raise RuntimeError("killed")
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     from lightning_dataeff.recipes import fit, load_recipe
 
@@ -177,6 +178,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_compare_tiny_budget_writes_table_csv_and_plot(tmp_path, capsys):
     budget = 24 * 8 * 32 * 4  # 24 full-length steps of the small model
     code = main([

@@ -172,3 +172,61 @@ def test_missing_optional_package_says_how_to_install(monkeypatch, capsys):
     assert main(["fit", str(ROOT / "recipes" / "gpt2-tiny.yaml"), "trainer.max_steps=1"]) == 1
     err = capsys.readouterr().err.strip()
     assert "'transformers'" in err and "lightning-dataeff[hf]" in err and len(err.splitlines()) == 1
+
+
+class _FakeSplit:
+    """Just enough of a ``datasets.Dataset``: columns, column access, row access, features."""
+
+    def __init__(self, columns: dict, features: dict | None = None) -> None:
+        self.columns, self.column_names, self.features = columns, list(columns), features or {}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.columns[key]
+        return {k: v[key] for k, v in self.columns.items()}
+
+
+def _hub_returning(splits: dict, calls: list) -> types.ModuleType:
+    mod = types.ModuleType("datasets")
+
+    def load_dataset(name, config=None):
+        calls.append((name, config))
+        return splits
+
+    mod.load_dataset = load_dataset
+    return mod
+
+
+def test_hub_text_dataset_path_with_a_stand_in_hub(monkeypatch):
+    """The real loading code (name/config parsing, splits, line joining) against a stand-in for ``datasets``."""
+    calls: list = []
+    lines = [" = Heading = \n", "Some prose about foxes and dogs .\n", ""] * 60
+    splits = {"train": _FakeSplit({"text": lines}), "validation": _FakeSplit({"text": lines[:30]})}
+    monkeypatch.setitem(sys.modules, "datasets", _hub_returning(splits, calls))
+    dm = TextDataModule("hf:Salesforce/wikitext:wikitext-2-raw-v1", seq_len=8, batch_size=2, vocab_size=300)
+    dm.setup()
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1")]
+    assert len(dm.train_set) > len(dm.val_set) > 0
+    from lightning_dataeff.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match="data.text_field"):
+        TextDataModule("hf:x", text_field="sentence").setup()
+
+
+def test_hub_image_dataset_path_with_a_stand_in_hub(monkeypatch):
+    from PIL import Image
+
+    calls: list = []
+    images = [Image.new("RGB", (32, 32), (i * 20, 0, 0)) for i in range(12)]
+    feature = types.SimpleNamespace(num_classes=10)
+    train = _FakeSplit({"img": images, "label": [i % 10 for i in range(12)]}, {"label": feature})
+    test = _FakeSplit({"img": images[:4], "label": [0, 1, 2, 3]}, {"label": feature})
+    monkeypatch.setitem(sys.modules, "datasets", _hub_returning({"train": train, "test": test}, calls))
+    dm = ImageDataModule("hf:uoft-cs/cifar10", image_size=16, batch_size=4, num_channels=3)
+    dm.setup()
+    assert calls == [("uoft-cs/cifar10", None)] and dm.num_labels == 10
+    assert (len(dm.train_set), len(dm.val_set)) == (12, 4)
+    assert dm.val_set[3]["pixel_values"].shape == (3, 16, 16) and dm.val_set[3]["labels"] == 3

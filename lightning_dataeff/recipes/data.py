@@ -102,6 +102,11 @@ class TokenBlocks(Dataset):
         return {"input_ids": self.blocks[i]}
 
 
+def _join_lines(lines: Sequence[str]) -> str:
+    """One running text from a line-per-row corpus (WikiText rows keep their newline, PTB rows do not)."""
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
 def _read_text_source(source: str, text_field: str) -> tuple[list[str], list[str] | None]:
     """Documents for training and, when the source has one, its own validation split."""
     if source == "pydoc_topics":
@@ -116,8 +121,8 @@ def _read_text_source(source: str, text_field: str) -> tuple[list[str], list[str
                 f"(columns: {', '.join(ds['train'].column_names)})"
             )
         val_split = next((s for s in ("validation", "valid", "test") if s in ds), None)
-        val = list(ds[val_split][text_field]) if val_split else None
-        return list(ds["train"][text_field]), val
+        val = [_join_lines(ds[val_split][text_field])] if val_split else None
+        return [_join_lines(ds["train"][text_field])], val
     path = Path(source).expanduser()
     if path.is_file():
         return [path.read_text(encoding="utf-8", errors="replace")], None
@@ -326,7 +331,8 @@ class ImageDataModule(L.LightningDataModule):
             val_split = next((s for s in ("validation", "valid", "test") if s in ds), None)
             feature = train.features[self.label_field]
             num_labels = getattr(feature, "num_classes", None) or len(set(train[self.label_field]))
-            load = lambda split: (lambda i: (split[i][self.image_field], split[i][self.label_field]))  # noqa: E731
+            fields = (self.image_field, self.label_field)
+            load = lambda split: (lambda i: tuple(split[i][k] for k in fields))  # noqa: E731  (one decode per item)
             if val_split is None:
                 return load(train), len(train), None, 0, num_labels
             return load(train), len(train), load(ds[val_split]), len(ds[val_split]), num_labels
