@@ -77,6 +77,8 @@ def fit(data, callback, max_steps, ckpt_dir=None, ckpt_path=None, accumulate=2, 
     callbacks = [callback, rec]
     if ckpt_dir is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1))
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="end-{epoch}", every_n_epochs=1,
+                                                      save_on_train_epoch_end=True, save_top_k=-1))
     trainer = pl.Trainer(
         max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, **trainer_kw,
@@ -100,6 +102,14 @@ def test_resume_mid_epoch_matches_uninterrupted_run(data, analysis_dir, tmp_path
         sched = CurriculumSampler(N, 4, analysis=analysis_dir, metrics=metrics).rules[0].schedule
         for i, (step_after, _, longest, logged) in enumerate(full):
             assert logged == sched(i // 2) and longest <= logged
+
+
+def test_resume_from_end_of_epoch_checkpoint(data, analysis_dir, tmp_path):
+    # (without gradient accumulation: Lightning itself steps after the first micro-batch when resuming
+    # an on_train_epoch_end checkpoint mid-accumulation, whatever the sampler)
+    make = lambda: CurriculumLearning(METRICS, analysis_dir=analysis_dir)  # noqa: E731
+    full = fit(data, make(), 14, ckpt_dir=tmp_path, accumulate=1)
+    assert fit(data, make(), 14, ckpt_path=tmp_path / "end-epoch=0.ckpt", accumulate=1) == full[10:]
 
 
 def test_single_cluster_seqlen_truncates_batches(data):

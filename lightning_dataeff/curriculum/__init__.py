@@ -1,21 +1,17 @@
 """Curriculum learning: sequence-length transforms, the data analyzer and the difficulty-aware sampler."""
 
 from lightning_dataeff.curriculum.analyzer import MetricAnalysis, analyze, load_analysis, merge_analysis
-from lightning_dataeff.curriculum.seqlen import set_batch_sequence_length
+from lightning_dataeff.curriculum.sampler import CurriculumSampler, MetricRule, parse_metric_rules
+from lightning_dataeff.curriculum.seqlen import batch_sequence_length, set_batch_sequence_length
 
 __all__ = [
     "set_batch_sequence_length",
+    "batch_sequence_length",
     "analyze",
     "merge_analysis",
     "load_analysis",
     "MetricAnalysis",
     "CurriculumSampler",
+    "MetricRule",
+    "parse_metric_rules",
 ]
-
-
-def __getattr__(name: str):
-    if name == "CurriculumSampler":
-        from lightning_dataeff.curriculum.sampler import CurriculumSampler
-
-        return CurriculumSampler
-    raise AttributeError(f"module 'lightning_dataeff.curriculum' has no attribute {name!r}")

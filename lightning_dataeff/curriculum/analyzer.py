@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import uuid
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -96,6 +97,8 @@ def analyze(
         num_shards = _check_pos_int("num_shards", num_shards)
         if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id must be an integer in [0, num_shards={num_shards}), got {shard_id!r}")
+        if overwrite:
+            raise ValueError("overwrite=True would delete the other shard jobs' work; clear output_dir yourself")
     counts = _check_vocab_counts(vocab_counts)
     out = os.fspath(output_dir)
     fingerprint = dataset_fingerprint(dataset, pad_token_id)
@@ -337,13 +340,13 @@ def _chunk_path(work: str, phase: str, i: int, ext: str = ".npz") -> str:
 
 
 def _save_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
+    tmp = f"{path}.tmp{uuid.uuid4().hex[:12]}.npy"
     np.save(tmp, arr)
     os.replace(tmp, path)
 
 
 def _savez_atomic(path: str, **arrays: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npz"
+    tmp = f"{path}.tmp{uuid.uuid4().hex[:12]}.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
@@ -363,9 +366,10 @@ def _prepare_work(work: str, meta: dict, overwrite: bool) -> None:
             )
         shutil.rmtree(work)
     os.makedirs(work, exist_ok=True)
-    with open(meta_path + ".tmp", "w") as f:
+    tmp = f"{meta_path}.tmp{uuid.uuid4().hex[:12]}"  # shard jobs may write it concurrently
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(meta_path + ".tmp", meta_path)
+    os.replace(tmp, meta_path)
 
 
 def _complete(out: str, meta: dict) -> bool:
