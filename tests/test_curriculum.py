@@ -133,7 +133,7 @@ def test_misconfiguration_errors(data, analysis_dir):
     sampler = CurriculumSampler(N, 4, analysis=analysis_dir, metrics=METRICS)
     with pytest.raises(ValueError, match="only one of the two"):
         pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
-                   callbacks=[CurriculumLearning(METRICS, analysis_dir=analysis_dir)]).fit(
+                   callbacks=[CurriculumLearning({"seqlen": linear(4, SEQ, 3)}, analysis_dir=analysis_dir)]).fit(
             LM(), DataLoader(data, batch_sampler=sampler))
     trainer = SimpleNamespace(world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
@@ -164,6 +164,8 @@ def test_from_deepspeed_section_and_full_config(analysis_dir):
     with pytest.warns(UserWarning):
         cb = CurriculumLearning.from_deepspeed(full, analysis_dir=analysis_dir)
     assert cb.seed == 77
+    with pytest.warns(UserWarning):
+        assert CurriculumLearning.from_deepspeed({**SECTION, "seed": 5}, analysis_dir=analysis_dir).seed == 5
     for off in ({**full, "data_efficiency": {**full["data_efficiency"], "enabled": False}},
                 {"data_efficiency": {"enabled": True, "data_sampling": {"enabled": False, "curriculum_learning": SECTION}}},
                 {**SECTION, "enabled": False}):

@@ -18,7 +18,7 @@ __all__ = ["CurriculumLearning"]
 
 #: single_cluster metrics with these names cut every batch to their difficulty (DeepSpeed's seqlen curriculum).
 _SEQLEN_METRICS = {"seqlen": "truncate", "seqlen_truncate": "truncate", "seqlen_reshape": "reshape"}
-_SECTION_KEYS = {"enabled", "data_cluster_path", "curriculum_metrics"}
+_SECTION_KEYS = {"enabled", "data_cluster_path", "curriculum_metrics", "seed"}  # seed: data_efficiency.seed, passed down
 _LEGACY_KEYS = {"enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config"}
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
@@ -66,7 +66,8 @@ class CurriculumLearning(Callback):
                        seed: int | None = None) -> "CurriculumLearning | None":
         """Build from DeepSpeed's ``data_efficiency.data_sampling.curriculum_learning`` section as is.
 
-        Also accepts a whole DeepSpeed config (``data_efficiency`` is looked up, its ``seed`` used) and
+        Also accepts a whole DeepSpeed config (``data_efficiency`` is looked up, its ``seed`` used; a
+        ``seed`` key in the section works too) and
         the legacy top-level ``curriculum_learning`` form (``curriculum_type: seqlen``: truncation;
         DeepSpeed evaluated it at ``global_step + 1``, we use ``global_step``). Returns ``None`` when a
         parent or the section's ``enabled`` flag is false or absent (DeepSpeed's default is disabled).
@@ -99,6 +100,8 @@ class CurriculumLearning(Callback):
             metric["clustering_type"] = "single_cluster"
             return cls({"seqlen": metric}, seed=seed, analysis_dir=analysis_dir)
         _warn_ignored(section, _SECTION_KEYS, where)
+        if seed is None and section.get("seed") is not None:
+            seed = section["seed"]
         if "data_cluster_path" in section:
             warnings.warn(f"{where}.data_cluster_path is not used: samplers keep no cluster files", stacklevel=2)
         metrics = section.get("curriculum_metrics") or {}
@@ -128,7 +131,7 @@ class CurriculumLearning(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         sampler = self.sampler = _find_sampler(trainer)
         if self.rules:
-            if sampler.rules:
+            if sampler.rules and sampler.rules != self.rules:
                 raise ValueError(
                     "CurriculumLearning(metrics=...) and CurriculumSampler(metrics=...) both define metrics; "
                     "give them to only one of the two"

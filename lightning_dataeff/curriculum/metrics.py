@@ -26,6 +26,7 @@ __all__ = [
 #: the length, so percentile pacing admits shorter samples first, and among equal lengths the less
 #: rare ones).
 BUILTIN_METRICS = ("seqlen", "vocab_rarity", "seqlen_vocab_rarity")
+_BLOCK = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -46,10 +47,14 @@ def item_tokens(item: Any, pad_token_id: int | None = None) -> np.ndarray:
 def chunk_tokens(items: Sequence[Any], pad_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Non-padding tokens of several items, concatenated (int64), and the per-item token counts.
 
-    Items of equal padded length are stacked and masked in one vectorized operation.
+    Items of equal padded length are stacked and masked in vectorized operations, 256 at a time
+    (cache-sized blocks).
     """
     if not items:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(items) > _BLOCK:
+        parts = [chunk_tokens(items[j : j + _BLOCK], pad_token_id) for j in range(0, len(items), _BLOCK)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     stacked = _stack_tensor_items(items)
     if stacked is not None:
         ids, mask = stacked
