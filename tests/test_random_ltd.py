@@ -373,6 +373,11 @@ class MyBlock(nn.Module):
         return self.lin(h) * scale
 
 
+class TupleBlock(MyBlock):
+    def forward(self, h, *, scale=1.0):
+        return self.lin(h) * scale, "extra"
+
+
 def test_register_custom_block():
     register_block(MyBlock, BlockAdapter("h"))
     model = nn.Sequential(*[MyBlock() for _ in range(3)])
@@ -386,6 +391,15 @@ def test_register_custom_block():
     keep[torch.arange(2)[:, None], idx] = True
     assert torch.equal(y[~keep], x[~keep])
     torch.testing.assert_close(y[keep], model[1].lin(x[keep]) * 2.0)
+    remove_random_ltd(model)
+    tup = nn.Sequential(*[TupleBlock() for _ in range(3)])  # subclasses use the registered adapter
+    state = apply_random_ltd(tup, kept_tokens=2)
+    tup.train()
+    y, extra = tup[1](x)
+    assert extra == "extra" and y.shape == x.shape
+    keep = torch.zeros(2, S, dtype=torch.bool)
+    keep[torch.arange(2)[:, None], state.last_indices[0]] = True
+    assert torch.equal(y[~keep], x[~keep])
 
 
 def test_layer_token_lr_scheduler():
