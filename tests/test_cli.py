@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_dataeff.cli import main
@@ -29,8 +30,13 @@ SMALL_GPT2 = [
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
+def _cache_and_threads(tmp_path_factory, monkeypatch):
+    """A per-session tokenizer cache; one intra-op thread (these tiny models run faster without a thread pool)."""
     monkeypatch.setenv("LIGHTNING_DATAEFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rows(path: Path, split: str = "train") -> list[dict[str, str]]:
@@ -103,11 +109,10 @@ def test_print_config_shows_resolved_overrides(capsys):
 
 def test_python_dash_m_runs_the_cli():
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_dataeff", "fit", GPT2, "--print-config"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [sys.executable, "-m", "lightning_dataeff", "fit", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "name: gpt2-tiny" in proc.stdout
+    assert "usage: dataeff fit" in proc.stdout and "--deepspeed-config" in proc.stdout
 
 
 def test_gpt2_tiny_fit_writes_all_outputs(tmp_path, capsys):

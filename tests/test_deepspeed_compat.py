@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLengthWarmup
 from lightning_dataeff.deepspeed_compat import callbacks_from_deepspeed, import_deepspeed
@@ -95,11 +96,14 @@ def test_unparsable_file_names_it(tmp_path):
         import_deepspeed(bad)
 
 
-def test_cli_fit_with_deepspeed_config(tmp_path, monkeypatch):
+def test_cli_fit_with_deepspeed_config(tmp_path, monkeypatch, request):
     """--deepspeed-config replaces the recipe's RandomLTD; its schedule drives kept tokens step by step."""
     from lightning_dataeff.cli import main
 
     monkeypatch.setenv("LIGHTNING_DATAEFF_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: faster without an intra-op thread pool
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"data_efficiency": {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {
         "enabled": True, "total_layer_num": 4, "random_ltd_layer_id": [1, 2],

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
+def _cache_and_threads(tmp_path_factory, monkeypatch):
+    """A per-session tokenizer cache; one intra-op thread (these tiny models run faster without a thread pool)."""
     monkeypatch.setenv("LIGHTNING_DATAEFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "vit-tiny", "gpt2-finetune", "vit-finetune"])
