@@ -171,6 +171,7 @@ def main() -> None:
                    help="runs per tool and process count, interleaved; the fastest is kept (shared, noisy machines)")
     args = p.parse_args()
 
+    args.load_before = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(dir=args.tmp)
     corpus = os.path.join(tmp, "corpus")
     os.makedirs(corpus)
@@ -227,7 +228,10 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         f"# Data analyzer throughput (CPU)\n",
         f"{args.num_samples} samples x {args.seq_len} tokens (lengths uniform in [64, {args.seq_len}]), metrics seqlen + "
-        f"vocab_rarity (two passes). Best of {args.repeats} interleaved runs per row. {stamp}; {machine}.\n",
+        f"vocab_rarity (two passes). Best of {args.repeats} interleaved runs per row. {stamp}; {machine}; "
+        f"1-minute load average {args.load_before:.1f} before and {os.getloadavg()[0]:.1f} after the runs "
+        f"(a machine shared with other jobs: with {os.cpu_count()} cores and a load above that, extra processes "
+        "cannot speed anything up).\n",
         "| tool | processes | samples/s | seconds | output files | output MB | speedup vs DeepSpeed |",
         "|---|---|---|---|---|---|---|",
     ]
