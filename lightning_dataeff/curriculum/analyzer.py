@@ -459,13 +459,14 @@ def _map_chunk(i: int) -> int:
     if _needs_seqlen(specs):
         cat, arrays["_seqlen"] = chunk_tokens(items, meta["pad_token_id"])
         if _needs_rarity(specs):
-            if len(cat) and cat.min() < 0:
-                raise ValueError(f"negative token id in samples {start}..{start + len(items) - 1}")
+            try:
+                c = np.bincount(cat)  # also the largest id: len(c) - 1
+            except ValueError:
+                raise ValueError(f"negative token id in samples {start}..{start + len(items) - 1}") from None
             if meta["vocab_counts_sha"] is None:
-                c = np.bincount(cat)
                 nz = np.flatnonzero(c)
                 arrays["_count_ids"], arrays["_count_values"] = nz, c[nz]
-            top = int(cat.max()) if len(cat) else 0
+            top = len(c) - 1
             dtype = np.uint16 if top < 2**16 else np.uint32 if top < 2**32 else np.int64
             _save_atomic(_chunk_path(work, "tokens", i, ".npy"), cat.astype(dtype))
     for name, spec in specs.items():
@@ -489,7 +490,7 @@ def _rarity_chunk(i: int) -> int:
     else:  # e.g. a merge on a machine that did not run this chunk's job
         start, items = _chunk_items(i)
         cat, _ = chunk_tokens(items, meta["pad_token_id"])
-    if len(cat) and cat.max() >= len(neglogp):
+    if meta["vocab_counts_sha"] is not None and len(cat) and cat.max() >= len(neglogp):  # user counts
         start = i * meta["chunk_size"]
         raise ValueError(
             f"token id {int(cat.max())} in samples {start}..{start + len(lengths) - 1} is outside vocab_counts "
