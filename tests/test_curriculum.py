@@ -135,6 +135,11 @@ def test_misconfiguration_errors(data, analysis_dir):
         pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
                    callbacks=[CurriculumLearning({"seqlen": linear(4, SEQ, 3)}, analysis_dir=analysis_dir)]).fit(
             LM(), DataLoader(data, batch_sampler=sampler))
+    other = [{**item, "input_ids": item["input_ids"].flip(0)} for item in data]
+    with pytest.raises(ValueError, match="another dataset"):
+        pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
+                   callbacks=[CurriculumLearning(METRICS, analysis_dir=analysis_dir)]).fit(
+            LM(), DataLoader(other, batch_sampler=CurriculumSampler(N, 4)))
     trainer = SimpleNamespace(world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
         CurriculumLearning().setup(trainer, None, "fit")

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from lightning_dataeff.curriculum.analyzer import load_analysis
 from lightning_dataeff.curriculum.sampler import CurriculumSampler, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import set_batch_sequence_length
 
@@ -129,14 +130,19 @@ class CurriculumLearning(Callback):
         warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        sampler = self.sampler = _find_sampler(trainer)
+        loader = _find_loader(trainer)
+        sampler = self.sampler = loader.batch_sampler
         if self.rules:
             if sampler.rules and sampler.rules != self.rules:
                 raise ValueError(
                     "CurriculumLearning(metrics=...) and CurriculumSampler(metrics=...) both define metrics; "
                     "give them to only one of the two"
                 )
-            sampler.configure(metrics=list(self.rules), analysis=self.analysis_dir or sampler.analysis)
+            analysis = sampler.analysis
+            need = [r.name for r in self.rules if r.filters]
+            if self.analysis_dir is not None and need:  # refuses an analysis of another dataset
+                analysis = load_analysis(self.analysis_dir, loader.dataset, metrics=need)
+            sampler.configure(metrics=list(self.rules), analysis=analysis)
         if self.seed is not None:
             sampler.seed = self.seed
         if sampler.num_replicas is None:
@@ -209,14 +215,13 @@ def _warn_ignored(section: Mapping[str, Any], known: set[str], where: str) -> No
         warnings.warn(f"{where}: keys {ignored} are not used by CurriculumLearning and are ignored", stacklevel=3)
 
 
-def _find_sampler(trainer: "pl.Trainer") -> CurriculumSampler:
+def _find_loader(trainer: "pl.Trainer") -> DataLoader:
     loaders = trainer.train_dataloader
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
     elif not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
-    found = [dl.batch_sampler for dl in loaders
-             if isinstance(dl, DataLoader) and isinstance(dl.batch_sampler, CurriculumSampler)]
+    found = [dl for dl in loaders if isinstance(dl, DataLoader) and isinstance(dl.batch_sampler, CurriculumSampler)]
     if len(found) != 1:
         kinds = [type(getattr(dl, "batch_sampler", dl)).__name__ for dl in loaders]
         raise ValueError(
