@@ -226,6 +226,8 @@ def fit(
         else:
             warnings.warn(f"resume=true but {ckpt} does not exist: starting from scratch", stacklevel=2)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if not trainer.interrupted and trainer.global_step % recipe.checkpoint_every_n_steps:
+        trainer.save_checkpoint(str(ckpt))  # the final weights, also when the budget stopped between intervals
     val_steps = [r for r in csv_cb.rows if r["split"] == "val"]
     if not val_steps or int(val_steps[-1]["step"]) != trainer.global_step:
         trainer.validate(module, datamodule=dm, verbose=False)
