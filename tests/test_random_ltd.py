@@ -317,6 +317,26 @@ def test_activation_checkpointing_reuses_indices():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_whole_model_checkpoint_recomputation_is_not_a_new_forward():
+    """torch.utils.checkpoint around the model re-runs the first block's hooks inside backward."""
+    model = TorchEncoder()
+    ref = copy.deepcopy(model)
+    sa = apply_random_ltd(model, kept_tokens=3)
+    sb = apply_random_ltd(ref, kept_tokens=3)
+    model.train()
+    ref.train()
+    x = torch.randn(2, S, H)
+    ya = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    yb = ref(x)
+    first = sa.last_indices.clone()
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert torch.equal(sa.last_indices, first) and torch.equal(first, sb.last_indices)
+    assert sa.consumed_tokens == 2 * S
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def test_layer_token_accounting():
     model, inputs = make("gpt2")
     state = apply_random_ltd(model, kept_tokens=3, layers=[1, 2])
