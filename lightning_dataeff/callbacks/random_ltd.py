@@ -213,10 +213,13 @@ class RandomLTD(Callback):
         self._schedules.clear()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        state = self._state
-        state.step = trainer.global_step
-        step = trainer.global_step
-        state.kept_tokens_fn = lambda seq_len: self.kept_tokens(step, seq_len)
+        state, step = self._state, trainer.global_step
+        state.step = step
+        if self.max_tokens is not None:
+            state.kept_tokens_fn = None
+            state.kept_tokens = self.kept_tokens(step, self.max_tokens)  # blocks cap it at their length
+        else:  # the ramp's end depends on each batch's length
+            state.kept_tokens_fn = lambda seq_len: self.kept_tokens(step, seq_len)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

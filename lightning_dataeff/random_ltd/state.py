@@ -35,6 +35,8 @@ class RandomLTDState:
     Attributes:
         kept_tokens: tokens every sample keeps in each random-LTD block (settable). A block whose input
             is not longer than this runs untouched.
+        kept_tokens_fn: optional ``fn(seq_len) -> kept``; when set it replaces ``kept_tokens`` (the
+            RandomLTD callback uses it when the schedule ends at each batch's full length).
         layers: indices (into the ordered list of matched blocks) of the blocks that drop tokens.
         num_layers: number of matched transformer blocks in the model.
         step: the optimizer step the indices are drawn for (settable; the callback sets it from
