@@ -12,3 +12,12 @@ if not torch.cuda.is_available():
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    """Tests run in their own temporary directory, so nothing (e.g. Lightning's default checkpoints/) lands in the repo."""
+    monkeypatch.chdir(tmp_path)
