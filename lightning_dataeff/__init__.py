@@ -35,6 +35,8 @@ _EXPORTS = {
     "set_batch_sequence_length": "lightning_dataeff.curriculum",
     "analyze": "lightning_dataeff.curriculum",
     "load_analysis": "lightning_dataeff.curriculum",
+    "merge_analysis": "lightning_dataeff.curriculum",
+    "MetricAnalysis": "lightning_dataeff.curriculum",
     "CurriculumSampler": "lightning_dataeff.curriculum",
     # callbacks
     "RandomLTD": "lightning_dataeff.callbacks",
