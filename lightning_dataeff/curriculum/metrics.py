@@ -61,7 +61,7 @@ def chunk_tokens(items: Sequence[Any], pad_token_id: int | None = None) -> tuple
         keep = mask != 0 if mask is not None else ids != pad_token_id if pad_token_id is not None else None
         if keep is None:
             return ids.reshape(-1), np.full(len(items), ids.shape[1], dtype=np.int64)
-        return ids[keep], keep.sum(1).astype(np.int64)
+        return ids[keep], np.count_nonzero(keep, axis=1).astype(np.int64)
     pairs = [_item_arrays(it) for it in items]
     width = len(pairs[0][0])
     has_mask = pairs[0][1] is not None
@@ -73,7 +73,7 @@ def chunk_tokens(items: Sequence[Any], pad_token_id: int | None = None) -> tuple
             keep = ids != pad_token_id
         else:
             return ids.reshape(-1), np.full(len(items), width, dtype=np.int64)
-        return ids[keep], keep.sum(1).astype(np.int64)
+        return ids[keep], np.count_nonzero(keep, axis=1).astype(np.int64)
     toks = [item_tokens(it, pad_token_id) for it in items]
     return np.concatenate(toks), np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
 
