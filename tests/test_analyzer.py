@@ -189,6 +189,31 @@ def test_item_forms_and_padding(tmp_path):
     assert np.allclose(res["vocab_rarity"].sample_to_metric, [nl[[5, 6, 7, 0, 0]].sum(), nl[[1, 0, 0, 0, 0]].sum(), 5 * nl[9]])
 
 
+class BatchedDataset(TokenDataset):
+    """Same items, also fetched in batches through ``__getitems__`` (as torch / Hugging Face datasets)."""
+
+    def __init__(self, result=None):
+        super().__init__()
+        self.calls, self.result = 0, result
+
+    def __getitems__(self, indices):
+        self.calls += 1
+        return [self[i] for i in indices] if self.result is None else self.result
+
+
+def test_getitems_batched_access(single, tmp_path):
+    ds = BatchedDataset()
+    analyze(ds, METRICS, tmp_path / "b", num_workers=0, chunk_size=128, progress=False)
+    assert ds.calls > 0
+    got, want = files(tmp_path / "b"), files(single)  # headers compared as JSON (another test rewrites them)
+    assert got.keys() == want.keys()
+    for k in got:
+        assert json.loads(got[k]) == json.loads(want[k]) if k.endswith(".json") else got[k] == want[k], k
+    for bad, match in [({"input_ids": torch.zeros(3, 4)}, "dict"), ([[1]], "of length 1")]:
+        with pytest.raises(TypeError, match=match):
+            analyze(BatchedDataset(bad), ["seqlen"], tmp_path / "x", num_workers=0, overwrite=True, progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

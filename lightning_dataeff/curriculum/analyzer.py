@@ -73,7 +73,9 @@ def analyze(
 
     Args:
         dataset: ``len(dataset)`` and ``dataset[i]`` -> a dict with ``input_ids`` (optional
-            ``attention_mask``) or a 1-D tensor / array / list of token ids.
+            ``attention_mask``) or a 1-D tensor / array / list of token ids. If it has
+            ``__getitems__(indices) -> list of items`` (torch and Hugging Face datasets), items are
+            fetched in batches with it.
         metrics: built-in names (``seqlen``, ``vocab_rarity``, ``seqlen_vocab_rarity``), callables
             ``fn(item) -> int | float`` (named by ``__name__``), or a dict ``{name: name | callable}``.
         num_workers: worker processes (default: all cores); ``0``/``1`` runs in this process.
@@ -450,8 +452,19 @@ def _chunk_blocks(i: int) -> Iterator[tuple[int, list[Any]]]:
     meta, ds = _JOB["meta"], _JOB["dataset"]
     start = i * meta["chunk_size"]
     end = min(start + meta["chunk_size"], meta["num_samples"])
+    getitems = getattr(ds, "__getitems__", None)  # batched access (torch / Hugging Face datasets)
     for a in range(start, end, _FETCH):
-        yield a, [ds[j] for j in range(a, min(a + _FETCH, end))]
+        b = min(a + _FETCH, end)
+        if getitems is None:
+            yield a, [ds[j] for j in range(a, b)]
+            continue
+        items = getitems(list(range(a, b)))
+        if isinstance(items, (Mapping, str, bytes)) or not isinstance(items, Sequence) or len(items) != b - a:
+            raise TypeError(
+                f"dataset.__getitems__({b - a} indices) must return a list of {b - a} items like dataset[i], "
+                f"got {type(items).__name__}" + (f" of length {len(items)}" if isinstance(items, Sequence) else "")
+            )
+        yield a, items
 
 
 def _chunk_tokens(i: int) -> tuple[np.ndarray, np.ndarray]:
