@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from . import reference
+from . import reference, torch_path
 from ._checks import as_int, check_float, check_index, check_same_device
 from ._dispatch import HAS_TRITON, INTERPRET, device_of, use_torch_kernels, use_triton
 
@@ -110,7 +110,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check: bool = True) -> 
 
         with device_of(x):
             return GatherTokens.apply(x, idx)
-    return reference.gather_tokens(x, idx)
+    return torch_path.GatherTokens.apply(x, idx)
 
 
 def scatter_tokens(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *, check: bool = True) -> torch.Tensor:
@@ -139,7 +139,7 @@ def scatter_tokens(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *, check
 
         with device_of(x):
             return ScatterTokens.apply(x, y, idx)
-    return reference.scatter_tokens(x, y, idx)
+    return torch_path.ScatterTokens.apply(x, y, idx)
 
 
 def gather_attention_mask(mask: torch.Tensor, idx: torch.Tensor, *, check: bool = True) -> torch.Tensor:
