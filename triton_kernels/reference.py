@@ -1,4 +1,8 @@
-"""Plain torch references for every kernel (the tests compare against these; also the CPU fallback path)."""
+"""Plain torch references for every kernel (the tests compare against these).
+
+The sampler, mask and position references are also the CPU fallback path; gather/scatter fall back to the
+faster row-copy Functions of :mod:`triton_kernels.torch_path`, which give identical results.
+"""
 
 from __future__ import annotations
 
