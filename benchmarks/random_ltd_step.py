@@ -5,7 +5,8 @@ encoder (Hugging Face ViT, 12 layers, d=256, 224px / 16px patches = 197 tokens, 
 random-LTD runs in layers 1..10 (every block but the first and the last). One step = forward, backward and
 an AdamW step (fused implementation by default). For each kept ratio it reports the median step time, its ratio to the unpatched model, the
 median over rounds of the per-round ratio (``paired_ratio``, the most drift-robust), the
-FLOP-ideal ratio (matmul FLOPs of blocks, attention and head at the kept lengths), and memory: peak
+FLOP-ideal ratio (matmul FLOPs of blocks, attention and head at the kept lengths), that ideal with the
+measured optimizer step added as a fixed cost (``ideal_with_optimizer``), and memory: peak
 allocated memory on CUDA, or on CPU the bytes of activations saved for backward (autograd saved tensors).
 Configurations are timed round-robin (per round and configuration, one untimed step then one timed step,
 so every timed step follows a step of the same shapes, as in training) so that load drift on a shared
@@ -99,6 +100,7 @@ class Runner:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused or None)
         self.times: list[float] = []
         self.wall: list[float] = []
+        self.opt_times: list[float] = []
         self.memory = 0
 
     def step(self, measure_memory: bool = False, clock=time.perf_counter, record: bool = True) -> None:
@@ -119,15 +121,19 @@ class Runner:
         else:
             loss = self.model(**self.inputs).loss
         loss.backward()
+        sync()
+        opt_start = clock()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync()
-        elapsed, wall = clock() - start, time.perf_counter() - wall
+        end = clock()
+        elapsed, wall, opt_time = end - start, time.perf_counter() - wall, end - opt_start
         if measure_memory:
             self.memory = torch.cuda.max_memory_allocated() if self.device == "cuda" else saved[0]
         elif record:
             self.times.append(elapsed)
             self.wall.append(wall)
+            self.opt_times.append(opt_time)
 
     def close(self) -> None:
         if self.kept is not None:
@@ -146,6 +152,7 @@ def run_model(spec: Spec, device: str, repeats: int, warmup: int, clock, fused: 
             r.step(clock=clock)
     base = runners[0]
     base_t = statistics.median(base.times)
+    opt_share = statistics.median(base.opt_times) / base_t  # fixed per-step cost, as a share of the unpatched step
     rows = []
     for r in runners:
         t = statistics.median(r.times)
@@ -162,6 +169,8 @@ def run_model(spec: Spec, device: str, repeats: int, warmup: int, clock, fused: 
             "ratio_to_unpatched": round(t / base_t, 4),
             "paired_ratio": round(statistics.median(a / b for a, b in zip(r.times, base.times)), 4),
             "flop_ideal_ratio": round(flops(spec, r.kept) / flops(spec, None), 4),
+            "optimizer_s_median": round(statistics.median(r.opt_times), 5),
+            "ideal_with_optimizer": round(_ideal_with_fixed(flops(spec, r.kept) / flops(spec, None), opt_share), 4),
             "memory_mb": round(r.memory / 2**20, 2),
             "memory_ratio": round(r.memory / base.memory, 4) if base.memory else float("nan"),
         })
@@ -169,7 +178,16 @@ def run_model(spec: Spec, device: str, repeats: int, warmup: int, clock, fused: 
     return rows
 
 
-def machine(device: str) -> str:
+def _ideal_with_fixed(flop_ratio: float, fixed_share: float) -> float:
+    """Step-time ratio if the FLOP-proportional part shrinks by ``flop_ratio`` and the fixed share does not."""
+    return fixed_share + (1.0 - fixed_share) * flop_ratio
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def machine(device: str, load_at_start: str = "") -> str:
     lines = [
         f"timestamp (UTC): {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
         f"platform: {platform.platform()}; python {platform.python_version()}; torch {torch.__version__}",
@@ -183,8 +201,9 @@ def machine(device: str) -> str:
         pass
     if device == "cuda":
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
-    if hasattr(os, "getloadavg"):
-        lines.append("load average at end (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if load_at_start:
+        lines.append(f"load average at start (1, 5, 15 min): {load_at_start}")
+    lines.append(f"load average at end (1, 5, 15 min): {_load()}")
     return "\n".join(lines)
 
 
@@ -201,6 +220,7 @@ def plot(rows: list[dict], path: Path) -> None:
         x = [r["kept_ratio"] for r in rs]
         ax.plot(x, [r["paired_ratio"] for r in rs], "o-", label="measured step time (paired ratio)")
         ax.plot(x, [r["flop_ideal_ratio"] for r in rs], "k--", label="FLOP ideal")
+        ax.plot(x, [r["ideal_with_optimizer"] for r in rs], "k:", label="FLOP ideal + optimizer step")
         if any(r["memory_ratio"] == r["memory_ratio"] for r in rs):
             ax.plot(x, [r["memory_ratio"] for r in rs], "s:", label="memory")
         ax.axhline(1.0, color="grey", lw=0.5)
@@ -238,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     use_cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu")
     clock = time.process_time if use_cpu_clock else time.perf_counter
     clock_name = "process CPU time" if use_cpu_clock else "wall time"
+    load_at_start = _load()
     rows = []
     for spec in specs:
         rows += run_model(spec, args.device, args.repeats, args.warmup, clock, args.optimizer == "fused")
@@ -246,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
-    info = machine(args.device) + (f"\nstep_s_* clock: {clock_name}; wall_s_median: wall time; "
-                                   f"optimizer: AdamW ({args.optimizer})")
+    info = machine(args.device, load_at_start) + (
+        f"\nstep_s_* clock: {clock_name}; wall_s_median: wall time; optimizer: AdamW ({args.optimizer})"
+    )
     print(info)
     if args.smoke:
         return
@@ -266,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             f.write("| " + " | ".join(str(r[c]) for c in cols) + " |\n")
         f.write("\nThe FLOP ideal counts block and LM-head matmuls; the optimizer step and other per-step costs\n"
-                "that do not shrink with the kept tokens are outside it.\n")
+                "that do not shrink with the kept tokens are outside it. ideal_with_optimizer adds the measured\n"
+                "optimizer step (optimizer_s_median of the unpatched model) as a fixed cost to the FLOP ideal.\n")
         if args.note:
             f.write(f"\n{args.note}\n")
     print(f"wrote {stem}.csv/.png/.md")
