@@ -6,15 +6,27 @@ their DeepSpeed configs. Where DeepSpeed's rounding would fall below the minimum
 multiple 16 rounds to 0), ours returns the smallest multiple of the step that is >= the minimum
 (capped at the maximum), so a schedule never yields 0 or less than its minimum.
 
-This module imports nothing else from the project.
+Deviation from DeepSpeed: ``fixed_linear``/``fixed_root`` return exactly ``max_value`` from
+``step >= total_steps`` on. DeepSpeed keeps rounding down, so a maximum that is not a multiple of the
+rounding step (e.g. 100 with ``difficulty_step`` 8, or ViT's 197 tokens with ``seq_per_step`` 8) is never
+reached (96, 192 for the rest of training).
+
+``build_schedule`` is strict: the rounding step (``difficulty_step`` / ``seq_per_step``) is required for
+``fixed_linear``/``fixed_root`` as in DeepSpeed, and unknown ``schedule_config`` keys raise ``ValueError``
+listing the allowed ones (a typo would otherwise silently fall back to a default).
+
+This module imports nothing else from the project but ``lightning_dataeff._validation``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
+
+from lightning_dataeff._validation import check_int
 
 __all__ = [
     "Schedule",
@@ -22,11 +34,15 @@ __all__ = [
     "FixedLinear",
     "FixedDiscrete",
     "CustomSchedule",
+    "LengthRamp",
     "build_schedule",
     "SCHEDULE_TYPES",
+    "RAMP_TYPES",
 ]
 
 SCHEDULE_TYPES = ("fixed_linear", "fixed_root", "fixed_discrete", "custom")
+#: The schedule types of the callbacks' length ramps (RandomLTD, SeqLengthWarmup).
+RAMP_TYPES = ("fixed_linear", "fixed_root")
 
 
 class Schedule:
@@ -44,14 +60,7 @@ class Schedule:
 
 
 def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not value.is_integer()
-    ):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_int(name, value, minimum, allow_float=True)
 
 
 def _check_step(step: Any) -> int:
@@ -67,7 +76,8 @@ class FixedRoot(Schedule):
     """DeepSpeed's ``fixed_root`` pacing (``fixed_linear`` is ``root_degree=1``).
 
     value(step) = floor((step / total_steps) ** (1 / root_degree) * (max - min) + min), rounded down
-    to a multiple of ``step_size``, capped at ``max_value``; never below ``min_value`` (see module doc).
+    to a multiple of ``step_size``, capped at ``max_value``; never below ``min_value``, and exactly
+    ``max_value`` from ``step >= total_steps`` on (see the module doc).
     """
 
     min_value: int
@@ -97,6 +107,8 @@ class FixedRoot(Schedule):
 
     def __call__(self, step: int) -> int:
         step = _check_step(step)
+        if step >= self.total_steps:
+            return int(self.max_value)
         frac = (float(step) / self.total_steps) ** (1.0 / self.root_degree)
         value = math.floor(frac * (self.max_value - self.min_value) + self.min_value)
         value -= value % self.step_size
@@ -249,6 +261,14 @@ def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int]
     if not isinstance(sc, Mapping):
         raise ValueError("schedule_config must be a mapping")
 
+    allowed = _allowed_schedule_keys(form, stype)
+    unknown = sorted(set(sc) - allowed)
+    if unknown:
+        raise ValueError(
+            f"schedule_config has unknown key(s) {unknown} for schedule_type {stype} "
+            f"({'random-LTD' if form == 'random_ltd' else 'curriculum'} form); allowed: {sorted(allowed)}"
+        )
+
     if stype == "fixed_discrete":
         if "difficulty" not in sc:
             raise ValueError("schedule_config.difficulty is required for schedule_type fixed_discrete")
@@ -276,7 +296,7 @@ def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int]
         "schedule_config." + keys["total"], need(keys["total"], sc, "schedule_config."), minimum=1
     )
     step_size = _check_int(
-        "schedule_config." + keys["step"], sc.get(keys["step"], 8), minimum=1
+        "schedule_config." + keys["step"], need(keys["step"], sc, "schedule_config."), minimum=1
     )
     root = 1
     if stype == "fixed_root":
@@ -284,3 +304,85 @@ def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int]
         if isinstance(root, bool) or not isinstance(root, (int, float)) or root <= 0:
             raise ValueError(f"schedule_config.root_degree must be a positive number, got {root!r}")
     return FixedRoot(lo, hi, total, step_size, root)
+
+
+def _allowed_schedule_keys(form: str, stype: str) -> set[str]:
+    """``schedule_config`` keys DeepSpeed defines for a config form and schedule type."""
+    keys = _FORMS[form]
+    if stype == "fixed_discrete":
+        return {"difficulty", "max_step"}
+    if stype == "custom":
+        return {keys["total"], "custom_fn"}
+    allowed = {keys["total"], keys["step"]}
+    return allowed | {"root_degree"} if stype == "fixed_root" else allowed
+
+
+class LengthRamp:
+    """A ``fixed_linear``/``fixed_root`` ramp of a length (kept tokens, sequence length), cached per end.
+
+    ``ramp(step, length)`` runs from ``min_value`` to ``max_value`` (or, when ``max_value`` is None, to
+    each input's ``length``) over ``total_steps`` and is capped at ``length``. One :class:`FixedRoot` is
+    built per distinct end and cached. Arguments are validated here by building a :class:`FixedRoot`;
+    ``names`` maps ``min_value``/``max_value``/``step_size`` to the caller's argument names for messages.
+    A ramp whose rounding step makes it start at its end (e.g. min 4, max 6, step 8) raises ``ValueError``
+    naming both arguments; with ``max_value=None`` the check runs once per new length and warns.
+    """
+
+    def __init__(
+        self,
+        min_value: int,
+        max_value: int | None,
+        step_size: int,
+        root_degree: float = 1,
+        total_steps: int | None = None,
+        *,
+        names: Mapping[str, str] | None = None,
+    ) -> None:
+        self.names = {"min_value": "min_value", "max_value": "max_value", "step_size": "step_size", **(names or {})}
+        n = self.names
+        self.min_value = check_int(n["min_value"], min_value, 1)
+        self.max_value = None if max_value is None else check_int(n["max_value"], max_value, 1)
+        self.step_size = check_int(n["step_size"], step_size, 1)
+        if self.max_value is not None and self.min_value > self.max_value:
+            raise ValueError(f"{n['min_value']} ({min_value}) must be <= {n['max_value']} ({max_value})")
+        FixedRoot(1, 1, 1, 1, root_degree)  # validates root_degree
+        self.root_degree = root_degree
+        if self.max_value is not None and self._collapses(self.max_value):
+            raise ValueError(
+                f"{n['step_size']} ({step_size}) is too large for {n['max_value']} ({max_value}): lengths are "
+                f"multiples of {n['step_size']} and never below {n['min_value']} ({min_value}), so the ramp would "
+                f"stay at {max_value} from step 0; use a smaller {n['step_size']}"
+            )
+        self._total_steps = total_steps
+        self._cache: dict[int, FixedRoot] = {}
+
+    @property
+    def total_steps(self) -> int | None:
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        self._total_steps = None if value is None else check_int("total_steps", value, 1)
+        self._cache.clear()
+
+    def _collapses(self, end: int) -> bool:
+        lo = min(self.min_value, end)
+        return lo < end and -(-lo // self.step_size) * self.step_size >= end
+
+    def __call__(self, step: int, length: int) -> int:
+        end = length if self.max_value is None else self.max_value
+        sched = self._cache.get(end)
+        if sched is None:
+            if self._total_steps is None:
+                raise RuntimeError("LengthRamp: total_steps is not set (a duration fraction resolves at train start)")
+            if self.max_value is None and self._collapses(end):
+                n = self.names
+                warnings.warn(
+                    f"{n['step_size']} ({self.step_size}) is too large for inputs of {end} tokens: lengths are "
+                    f"multiples of it and never below {n['min_value']} ({self.min_value}), so these inputs keep "
+                    f"all {end} tokens from step 0; use a smaller {n['step_size']} or set {n['max_value']}",
+                    stacklevel=3,
+                )
+            sched = self._cache[end] = FixedRoot(min(self.min_value, end), end, self._total_steps, self.step_size,
+                                                 self.root_degree)
+        return min(sched(step), length)

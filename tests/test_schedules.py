@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lightning_dataeff.schedules import CustomSchedule, FixedDiscrete, FixedLinear, FixedRoot, build_schedule
+from lightning_dataeff.schedules import CustomSchedule, FixedDiscrete, FixedLinear, FixedRoot, LengthRamp, build_schedule
 
 STEPS = [0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 17, 25, 36, 37, 49, 50, 51, 99, 100, 101, 1000]
 
@@ -62,12 +62,45 @@ def test_never_below_min_and_monotone():
     # random-LTD form, min 100, multiple 8: DeepSpeed's random-LTD scheduler returns 96 at step 0
     sched = build_schedule(rltd(100, 197, 10, 8))
     values = [sched(s) for s in STEPS]
-    assert values == [104, 104, 112, 128, 136, 144, 152, 184, 192, 197] + [197] * 11
+    assert values == [104, 104, 112, 128, 136, 144, 152, 184, 197, 197] + [197] * 11
     sched = FixedLinear(8, 12, 5, step_size=16)  # smallest multiple >= min exceeds max: capped at max
     assert {sched(s) for s in range(10)} == {12}
     sched = FixedRoot(8, 2048, 1000, 64, 2)
     values = [sched(s) for s in range(0, 1200)]
     assert min(values) >= 8 and values == sorted(values) and values[-1] == 2048
+
+
+@pytest.mark.parametrize("lo,hi,total,mult,root", [(8, 100, 10, 8, 1), (32, 197, 10, 8, 1), (1, 100, 7, 8, 2),
+                                                 (100, 197, 10, 8, 1)])
+def test_reaches_exact_max_at_end_of_ramp(lo, hi, total, mult, root):
+    # DeepSpeed stays at 96 / 192 forever (hi is not a multiple of the rounding step); ours ends at hi
+    sched = FixedRoot(lo, hi, total, mult, root)
+    assert sched(total - 1) < hi and sched(total - 1) % mult == 0
+    assert [sched(s) for s in (total, total + 1, 10 * total)] == [hi, hi, hi]
+
+
+def test_build_schedule_accepts_deepspeed_keys_as_given():
+    root = build_schedule(curriculum("fixed_root", 1, 100, total_curriculum_step=100, difficulty_step=1, root_degree=2))
+    assert root(0) == 1 and root(100) == 100  # percentile curriculum from 1 %, not 8 %
+    assert build_schedule(rltd(16, 64, 10, 8.0))(10) == 64  # integral floats from JSON
+
+
+def test_length_ramp_cache_and_collapse_checks():
+    ramp = LengthRamp(8, None, 8, total_steps=10, names={"max_value": "max_tokens", "step_size": "seq_per_step"})
+    assert [ramp(s, 64) for s in (0, 5, 10)] == [8, 32, 64]
+    assert [ramp(s, 100) for s in (0, 9, 10)] == [8, 88, 100] and ramp(5, 20) == 8
+    assert LengthRamp(8, 64, 8, total_steps=10)(5, 20) == 20  # capped at the input length
+    with pytest.warns(UserWarning, match=r"seq_per_step \(8\) is too large for inputs of 6 tokens"):
+        assert LengthRamp(4, None, 8, total_steps=10, names={"step_size": "seq_per_step"})(0, 6) == 6
+    assert ramp(0, 6) == 6  # shorter than the minimum: no ramp to collapse, no warning
+    with pytest.raises(ValueError, match=r"seq_per_step \(8\) is too large for max_tokens \(6\)"):
+        LengthRamp(4, 6, 8, names={"max_value": "max_tokens", "step_size": "seq_per_step"})
+    with pytest.raises(ValueError, match="root_degree"):
+        LengthRamp(4, 64, 8, root_degree=0)
+    ramp.total_steps = 20  # re-resolving the duration drops the cached schedules
+    assert ramp(10, 64) == 32
+    with pytest.raises(RuntimeError, match="total_steps"):
+        LengthRamp(4, 64, 8)(0, 64)
 
 
 def test_resume_mid_warmup_is_stateless():
@@ -98,8 +131,20 @@ def test_custom_and_discrete_classes():
         (curriculum("fixed_linear", 64, 8, total_curriculum_step=10), "min_difficulty"),
         (curriculum("fixed_linear", 0, 8, total_curriculum_step=10), "min_difficulty"),
         (curriculum("fixed_linear", 8, 64, total_curriculum_step=10, difficulty_step=0), "difficulty_step"),
-        (curriculum("fixed_root", 8, 64, total_curriculum_step=10), "root_degree"),
-        (curriculum("fixed_root", 8, 64, total_curriculum_step=10, root_degree=-1), "root_degree"),
+        (curriculum("fixed_root", 8, 64, total_curriculum_step=10, difficulty_step=8), "root_degree"),
+        (curriculum("fixed_root", 8, 64, total_curriculum_step=10, difficulty_step=8, root_degree=-1), "root_degree"),
+        (curriculum("fixed_linear", 8, 64, total_curriculum_step=10), "schedule_config.difficulty_step"),
+        (curriculum("fixed_root", 1, 100, total_curriculum_step=10, root_degree=2), "schedule_config.difficulty_step"),
+        ({**rltd(8, 64, 10, 8), "schedule_config": {"require_steps": 10}}, "schedule_config.seq_per_step"),
+        (curriculum("fixed_linear", 8, 64, total_curriculum_step=10, difficulty_steps=16),
+         r"unknown key\(s\) \['difficulty_steps'\].*allowed: \['difficulty_step', 'total_curriculum_step'\]"),
+        ({**rltd(8, 64, 10, 8), "schedule_config": {"require_steps": 10, "seq_per_step": 8,
+                                                    "total_curriculum_step": 99}},
+         r"unknown key\(s\) \['total_curriculum_step'\].*allowed: \['require_steps', 'seq_per_step'\]"),
+        (curriculum("fixed_linear", 8, 64, total_curriculum_step=10, difficulty_step=8, root_degree=2),
+         r"unknown key\(s\) \['root_degree'\]"),
+        (curriculum("fixed_discrete", 1, 3, difficulty=[1, 3], max_step=[5], total_curriculum_step=9),
+         r"unknown key\(s\) \['total_curriculum_step'\]"),
         (curriculum("fixed_cubic", 8, 64, total_curriculum_step=10), "schedule_type"),
         ({"min_difficulty": 8, "max_difficulty": 64}, "schedule_type"),
         (curriculum("fixed_discrete", 1, 3, difficulty=[1, 2]), "max_step"),
