@@ -154,3 +154,40 @@ def test_callback_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             SeqLengthWarmup(**kwargs)
+
+
+def test_warmup_ramp_checks_and_exact_end():
+    with pytest.raises(ValueError, match=r"step_size \(16\) is too large for max_len \(12\)"):
+        SeqLengthWarmup(min_len=4, max_len=12, step_size=16)
+    with pytest.raises(ValueError, match="root_degree"):
+        SeqLengthWarmup(schedule_type="fixed_root", root_degree=0)
+    cb = SeqLengthWarmup(min_len=8, duration=10, step_size=8)
+    assert [cb.seq_len_at(s, 100) for s in (0, 9, 10, 1000)] == [8, 88, 100, 100]  # not stuck at 96
+    short = SeqLengthWarmup(min_len=2, duration=10, step_size=8)
+    with pytest.warns(UserWarning, match=r"step_size \(8\) is too large for inputs of 6 tokens"):
+        assert short.seq_len_at(0, 6) == 6
+
+
+LEGACY = {"enabled": True, "curriculum_type": "seqlen", "min_difficulty": 8, "max_difficulty": 64,
+          "schedule_type": "fixed_root", "schedule_config": {"total_curriculum_step": 10, "difficulty_step": 8,
+                                                             "root_degree": 2}}
+
+
+def test_from_deepspeed_legacy_seqlen():
+    cb = SeqLengthWarmup.from_deepspeed(LEGACY)
+    assert (cb.min_len, cb.max_len, cb.duration, cb.step_size, cb.root_degree, cb.mode) == (8, 64, 10, 8, 2, "truncate")
+    assert [cb.seq_len_at(s, 128) for s in (0, 1, 10)] == [8, 24, 64]  # sqrt(0.1) * 56 + 8 = 25.7 -> 24
+    assert SeqLengthWarmup.from_deepspeed({"curriculum_learning": LEGACY}).max_len == 64  # a whole config
+    assert SeqLengthWarmup.from_deepspeed({**LEGACY, "enabled": False}) is None
+    with pytest.warns(UserWarning, match="enabled is not set"):
+        assert SeqLengthWarmup.from_deepspeed({k: v for k, v in LEGACY.items() if k != "enabled"}) is None
+    bad_sc = {"total_curriculum_step": 10, "root_degree": 2}
+    for section, match in [
+        ({**LEGACY, "schedule_config": bad_sc}, "curriculum_learning: schedule_config.difficulty_step"),
+        ({**LEGACY, "curriculum_type": "vocab"}, "curriculum_type"),
+        ({**LEGACY, "schedule_type": "fixed_discrete"}, "schedule_type"),
+        ({**LEGACY, "foo": 1}, r"unknown key\(s\) \['foo'\]"),
+        ({**LEGACY, "enabled": "yes"}, "enabled must be true or false"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SeqLengthWarmup.from_deepspeed(section)

@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_dataeff._deepspeed_keys import deepspeed_enabled
+from lightning_dataeff._validation import check_int
+from lightning_dataeff.callbacks._common import check_duration, resolve_duration
 from lightning_dataeff.curriculum.seqlen import SEQLEN_MODES, batch_sequence_length, set_batch_sequence_length
-from lightning_dataeff.schedules import FixedRoot
+from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, LengthRamp, build_schedule
 
 __all__ = ["SeqLengthWarmup", "resolve_duration"]
 
-_SCHEDULE_TYPES = ("fixed_linear", "fixed_root")
-
-
-def resolve_duration(duration: int | float, trainer: "pl.Trainer", name: str = "duration") -> int:
-    """Optimizer steps of a duration given as steps (int) or a fraction of training (float in (0, 1])."""
-    if isinstance(duration, int):
-        return duration
-    total = trainer.estimated_stepping_batches
-    if not math.isfinite(total):
-        raise ValueError(
-            f"{name}={duration} is a fraction of training, but the Trainer cannot estimate its number of steps "
-            "(set max_steps, or give the duration as an integer number of steps)"
-        )
-    return max(1, round(duration * total))
-
-
-def check_duration(duration: Any, name: str = "duration") -> int | float:
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)):
-        raise ValueError(f"{name} must be an int (optimizer steps) or a float in (0, 1], got {duration!r}")
-    if isinstance(duration, int) and duration < 1:
-        raise ValueError(f"{name} in optimizer steps must be >= 1, got {duration}")
-    if isinstance(duration, float) and not 0.0 < duration <= 1.0:
-        raise ValueError(f"{name} as a fraction of training must be in (0, 1], got {duration}")
-    return duration
+#: Keys of DeepSpeed's legacy top-level ``curriculum_learning`` section.
+_LEGACY_KEYS = ("enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config")
 
 
 class SeqLengthWarmup(Callback):
@@ -69,32 +49,70 @@ class SeqLengthWarmup(Callback):
         root_degree: float = 1,
         keys: Sequence[str] | None = None,
     ) -> None:
-        if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 1:
-            raise ValueError(f"min_len must be a positive integer, got {min_len!r}")
+        check_int("min_len", min_len, 1)
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < min_len):
             raise ValueError(f"max_len must be None or an integer >= min_len ({min_len}), got {max_len!r}")
         if mode not in SEQLEN_MODES:
             raise ValueError(f"mode must be one of {SEQLEN_MODES}, got {mode!r}")
-        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
-            raise ValueError(f"step_size must be a positive integer, got {step_size!r}")
-        if schedule_type not in _SCHEDULE_TYPES:
-            raise ValueError(f"schedule_type must be one of {_SCHEDULE_TYPES}, got {schedule_type!r}")
+        if schedule_type not in RAMP_TYPES:
+            raise ValueError(f"schedule_type must be one of {RAMP_TYPES}, got {schedule_type!r}")
         if schedule_type == "fixed_linear" and root_degree != 1:
             raise ValueError("root_degree needs schedule_type='fixed_root'")
-        if isinstance(root_degree, bool) or not isinstance(root_degree, (int, float)) or root_degree <= 0:
-            raise ValueError(f"root_degree must be a positive number, got {root_degree!r}")
         if keys is not None and (isinstance(keys, str) or not keys):
             raise ValueError(f"keys must be None or a non-empty list of batch keys, got {keys!r}")
+        self._ramp = LengthRamp(min_len, max_len, step_size, root_degree,
+                                names={"min_value": "min_len", "max_value": "max_len", "step_size": "step_size"})
         self.min_len, self.max_len, self.mode = min_len, max_len, mode
         self.duration = check_duration(duration)
         self.step_size, self.root_degree, self.keys = step_size, root_degree, keys
-        self.total_steps: int | None = None
         self.current_seq_len: int | None = None
-        self._schedules: dict[int, FixedRoot] = {}
+
+    @property
+    def total_steps(self) -> int | None:
+        """Ramp length in optimizer steps (None until a fractional duration is resolved at train start)."""
+        return self._ramp.total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        self._ramp.total_steps = value
+
+    @classmethod
+    def from_deepspeed(cls, section: Mapping[str, Any]) -> "SeqLengthWarmup | None":
+        """Build from DeepSpeed's legacy top-level ``curriculum_learning`` section (``curriculum_type: seqlen``).
+
+        Also accepts a whole DeepSpeed config holding that section. Returns ``None`` when ``enabled`` is
+        false or absent (DeepSpeed's default). Maps ``min_difficulty``/``max_difficulty`` to
+        ``min_len``/``max_len``, ``schedule_config.total_curriculum_step`` to ``duration``,
+        ``difficulty_step`` (required, as in DeepSpeed) to ``step_size``, ``schedule_type`` and
+        ``root_degree``; batches are truncated. DeepSpeed evaluates this legacy schedule at
+        ``global_step + 1``; we use ``global_step`` like every other schedule here, so step 0 trains at
+        exactly ``min_difficulty`` and the ramp reaches ``max_difficulty`` at ``total_curriculum_step``
+        (one step later than DeepSpeed). Unknown keys raise ``ValueError``.
+        """
+        if not isinstance(section, Mapping):
+            raise ValueError(f"curriculum_learning section must be a mapping, got {type(section).__name__}")
+        if "curriculum_learning" in section and "curriculum_type" not in section:
+            section = section["curriculum_learning"]
+        where = "curriculum_learning"
+        if not deepspeed_enabled(section, where):
+            return None
+        unknown = sorted(set(section) - set(_LEGACY_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_LEGACY_KEYS)}")
+        if section.get("curriculum_type") != "seqlen":
+            raise ValueError(f"{where}.curriculum_type must be 'seqlen', got {section.get('curriculum_type')!r}")
+        if section.get("schedule_type") not in RAMP_TYPES:
+            raise ValueError(f"{where}.schedule_type must be one of {RAMP_TYPES}, got {section.get('schedule_type')!r}")
+        try:
+            sched = build_schedule({k: section[k] for k in _LEGACY_KEYS[2:] if k in section})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        assert isinstance(sched, FixedRoot)
+        return cls(min_len=sched.min_value, max_len=sched.max_value, duration=sched.total_steps, mode="truncate",
+                   step_size=sched.step_size, schedule_type=section["schedule_type"], root_degree=sched.root_degree)
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
-            self._schedules.clear()
             self.total_steps = None  # estimated_stepping_batches needs the dataloader: resolved on_train_start
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -103,15 +121,8 @@ class SeqLengthWarmup(Callback):
     def seq_len_at(self, step: int, full_len: int) -> int:
         """Length at an optimizer step for a batch of ``full_len`` tokens."""
         if self.total_steps is None:
-            if not isinstance(self.duration, int):
-                raise RuntimeError("the duration is a fraction of training: call after on_train_start")
-            self.total_steps = self.duration
-        hi = self.max_len if self.max_len is not None else full_len
-        lo = min(self.min_len, hi)
-        sched = self._schedules.get(hi)
-        if sched is None:
-            sched = self._schedules[hi] = FixedRoot(lo, hi, self.total_steps, self.step_size, self.root_degree)
-        return min(sched(step), full_len)
+            self.total_steps = resolve_duration(self.duration, None)
+        return self._ramp(step, full_len)
 
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
