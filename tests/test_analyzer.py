@@ -187,6 +187,8 @@ def test_item_forms_and_padding(tmp_path):
                   progress=False)
     nl = np.log(100) - np.log(np.maximum([90, 1, 0, 0, 0, 2, 2, 2, 0, 3], 1))
     assert np.allclose(res["vocab_rarity"].sample_to_metric, [nl[[5, 6, 7, 0, 0]].sum(), nl[[1, 0, 0, 0, 0]].sum(), 5 * nl[9]])
+    res = analyze([[70000, 1, 1], [1]], ["vocab_rarity"], tmp_path / "d", num_workers=0, progress=False)  # > uint16
+    assert np.allclose(res["vocab_rarity"].sample_to_metric, [np.log(4) + 2 * np.log(4 / 3), np.log(4 / 3)])
 
 
 class BatchedDataset(TokenDataset):
@@ -242,6 +244,8 @@ def test_bad_datasets(tmp_path):
         analyze([torch.ones(2, 3, dtype=torch.long)], output_dir=tmp_path, num_workers=0)
     with pytest.raises(ValueError, match="input_ids"):
         analyze([{"ids": [1]}], output_dir=tmp_path, num_workers=0)
+    with pytest.raises(ValueError, match=r"negative token id in samples 0\.\.1"):
+        analyze([[1, 2], [3, -4]], ["vocab_rarity"], tmp_path / "neg", num_workers=0, progress=False)
     with pytest.raises(TypeError, match="map-style"):
         analyze(iter([[1]]), output_dir=tmp_path, num_workers=0)
     analyze([[1, 2]], ["seqlen"], tmp_path / "x", num_workers=0, progress=False, chunk_size=1)
