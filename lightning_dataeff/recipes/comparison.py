@@ -3,7 +3,7 @@
 The paper's protocol: each variant stops at the same consumed layer-token count (dropped tokens are
 not counted, so data-efficient variants take more steps), the learning rate decays by layer-tokens,
 and the table reports final and best validation metrics plus the layer-tokens each variant needed to
-first reach the baseline's final validation loss.
+first reach the baseline's final validation loss (paired by seed).
 """
 
 from __future__ import annotations
@@ -55,13 +55,16 @@ def _stat(values: Sequence[float | None]) -> tuple[float | None, float | None, i
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
 
 
-def _fmt(values: Sequence[float | None], digits: int = 3, scale: float = 1.0, total: int | None = None) -> str:
+def _fmt(
+    values: Sequence[float | None], digits: int = 3, scale: float = 1.0, total: int | None = None,
+    unit: str = "", signed: bool = False,
+) -> str:
     mean, std, n = _stat(values)
     if mean is None:
         return "not reached"
-    text = f"{mean / scale:.{digits}f}"
+    text = f"{mean / scale:{'+' if signed else ''}.{digits}f}{unit}"
     if std is not None:
-        text += f" ± {std / scale:.{digits}f}"
+        text += f" ± {std / scale:.{digits}f}{unit}"
     if total is not None and n < total:
         text += f" ({n}/{total} reached)"
     return text
@@ -78,40 +81,55 @@ def _machine() -> str:
     )
 
 
-def format_table(rows: list[dict[str, Any]], metric: str, variants: Sequence[str], ref_loss: float, ref_name: str) -> str:
-    """Markdown table, one line per variant (mean ± sample std over seeds)."""
+def _pair_with_reference(rows: list[dict[str, Any]], curves: list, ref_name: str) -> float:
+    """Add each run's paired reference (the same-seed ``ref_name`` run's final validation loss, else the
+    mean over ``ref_name`` runs), the layer-tokens to first reach it, the saving against the reference
+    run's own figure, and the final-loss difference. Returns the mean reference loss."""
+    ref = {r["seed"]: r for r in rows if r["variant"] == ref_name}
+    ref_curves = {r["seed"]: c for r, c in zip(rows, curves) if r["variant"] == ref_name}
+    mean_ref = _stat([r["final_val_loss"] for r in ref.values()])[0]
+    if mean_ref is None:
+        raise RuntimeError(f"the {ref_name} runs produced no validation loss")
+    for row, curve in zip(rows, curves):
+        paired = ref.get(row["seed"])
+        target = paired["final_val_loss"] if paired and paired["final_val_loss"] is not None else mean_ref
+        row["reference_val_loss"] = target
+        row["reach_layer_tokens"] = _first_reach(curve, target)
+        own = _first_reach(ref_curves[row["seed"]], target) if paired else None
+        reach = row["reach_layer_tokens"]
+        row["saving"] = 1 - reach / own if reach is not None and own else None
+        final = row["final_val_loss"]
+        row["delta_val_loss"] = final - target if final is not None else None
+    return mean_ref
+
+
+def format_table(rows: list[dict[str, Any]], metric: str, variants: Sequence[str], ref_name: str) -> str:
+    """Markdown table, one line per variant (mean ± sample std over seeds; deltas and savings paired by seed)."""
     head = (
-        f"| variant | seeds | steps | tokens (M) | layer-tokens (M) | final val loss | best val loss | final {metric} | best {metric} "
-        f"| layer-tokens (M) to reach {ref_name} final loss {ref_loss:.3f} | saving vs {ref_name} | wall time (s) |"
+        f"| variant | seeds | steps | tokens (M) | layer-tokens (M) | final val loss | Δ vs {ref_name} (paired) | best val loss "
+        f"| final {metric} | best {metric} | layer-tokens (M) to reach the {ref_name}'s final loss | saving vs {ref_name} "
+        "| wall time (s) |"
     )
-    lines = [head, "|" + "---|" * 12]
-    ref_reach = [r["reach_layer_tokens"] for r in rows if r["variant"] == ref_name]
-    ref_mean = _stat(ref_reach)[0]
+    lines = [head, "|" + "---|" * 13]
     for v in variants:
         rs = [r for r in rows if r["variant"] == v]
-        reach = [r["reach_layer_tokens"] for r in rs]
-        reach_mean = _stat(reach)[0]
-        saving = "—" if v == ref_name or reach_mean is None or not ref_mean else f"{100 * (1 - reach_mean / ref_mean):+.1f}%"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    v,
-                    str(len(rs)),
-                    _fmt([r["steps"] for r in rs], 0),
-                    _fmt([r["consumed_tokens"] for r in rs], 3, 1e6),
-                    _fmt([r["consumed_layer_tokens"] for r in rs], 3, 1e6),
-                    _fmt([r["final_val_loss"] for r in rs], 4),
-                    _fmt([r["best_val_loss"] for r in rs], 4),
-                    _fmt([r[f"final_{metric}"] for r in rs], 3),
-                    _fmt([r[f"best_{metric}"] for r in rs], 3),
-                    _fmt(reach, 3, 1e6, total=len(rs)),
-                    saving,
-                    _fmt([r["wall_time_s"] for r in rs], 0),
-                ]
-            )
-            + " |"
-        )
+        savings = [None if r["saving"] is None else 100 * r["saving"] for r in rs]
+        cells = [
+            v,
+            str(len(rs)),
+            _fmt([r["steps"] for r in rs], 0),
+            _fmt([r["consumed_tokens"] for r in rs], 3, 1e6),
+            _fmt([r["consumed_layer_tokens"] for r in rs], 3, 1e6),
+            _fmt([r["final_val_loss"] for r in rs], 4),
+            "—" if v == ref_name else _fmt([r["delta_val_loss"] for r in rs], 4, signed=True),
+            _fmt([r["best_val_loss"] for r in rs], 4),
+            _fmt([r[f"final_{metric}"] for r in rs], 3),
+            _fmt([r[f"best_{metric}"] for r in rs], 3),
+            _fmt([r["reach_layer_tokens"] for r in rs], 3, 1e6, total=len(rs)),
+            "—" if v == ref_name else _fmt(savings, 1, total=len(rs), unit="%", signed=True),
+            _fmt([r["wall_time_s"] for r in rs], 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -134,7 +152,7 @@ def _plot(curves: dict[str, list[list[tuple[int, float, int]]]], path: Path, tit
         (line,) = ax.plot(grid / 1e6, ys.mean(0), label=f"{variant} (n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(grid / 1e6, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    ax.axhline(ref_loss, color="gray", ls="--", lw=1, label=f"{ref_name} final loss")
+    ax.axhline(ref_loss, color="gray", ls="--", lw=1, label=f"{ref_name} final loss (mean)")
     ax.set_xlabel("consumed layer-tokens (millions)")
     ax.set_ylabel("validation loss")
     ax.set_title(title)
@@ -203,12 +221,8 @@ def compare(
                 }
             )
     ref_name = "baseline" if "baseline" in variants else variants[0]
-    ref_loss = _stat([r["final_val_loss"] for r in rows if r["variant"] == ref_name])[0]
-    if ref_loss is None:
-        raise RuntimeError(f"the {ref_name} runs produced no validation loss")
-    for row, curve in zip(rows, (c for v in variants for c in curves[v])):
-        row["reach_layer_tokens"] = _first_reach(curve, ref_loss)
-    table = format_table(rows, metric, variants, ref_loss, ref_name)
+    ref_loss = _pair_with_reference(rows, [c for v in variants for c in curves[v]], ref_name)
+    table = format_table(rows, metric, variants, ref_name)
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: report_dir / f"comparison.{k}" for k in ("md", "csv", "png")}
     with open(paths["csv"], "w", newline="") as f:
@@ -230,9 +244,11 @@ def compare(
         table,
         "",
         "Variants: " + "; ".join(f"`{v}` = {_METHOD_NOTE[v]}" for v in variants) + ".",
-        f"'Layer-tokens to reach' is the first validation point whose loss is <= the {ref_name}'s mean final "
-        "validation loss; 'saving' compares it with the same figure for the "
-        f"{ref_name}. Validation runs at the recipe's interval, so these figures are quantized to it.",
+        f"Each run is paired with the {ref_name} run of the same seed (same initialization and data order): 'Δ' is "
+        f"its final validation loss minus that run's; 'layer-tokens to reach' is its first validation point at or "
+        f"below that run's final validation loss, and 'saving' compares it with the {ref_name} run's own figure. "
+        "Validation runs at the recipe's interval, so these figures are quantized to it; '(k/n reached)' counts the "
+        "seeds that got there.",
         "",
         f"![validation loss vs layer-tokens]({paths['png'].name})",
         "",
