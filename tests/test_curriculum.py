@@ -182,18 +182,54 @@ def test_from_deepspeed_section_and_full_config(analysis_dir):
 
 def test_from_deepspeed_legacy_and_errors():
     legacy = {"enabled": True, "curriculum_type": "seqlen", **linear(8, 64, 10, 8)}
-    cb = CurriculumLearning.from_deepspeed(legacy)
-    assert cb.rules[0].clustering_type == "single_cluster" and cb.rules[0].schedule(10) == 64
-    with pytest.warns(UserWarning, match="ignored"):
-        CurriculumLearning.from_deepspeed({**legacy, "foo": 1})
-    with pytest.raises(ValueError, match="curriculum_type"):
-        CurriculumLearning.from_deepspeed({**legacy, "curriculum_type": "vocab"})
+    for cfg in (legacy, {"curriculum_learning": legacy}):  # the section or a whole config holding it
+        with pytest.raises(ValueError, match=r"curriculum_type.*SeqLengthWarmup\.from_deepspeed"):
+            CurriculumLearning.from_deepspeed(cfg)
+    assert CurriculumLearning.from_deepspeed({**legacy, "enabled": False}) is None
+    with pytest.warns(UserWarning, match=r"keys \['foo'\] are ignored"):
+        CurriculumLearning.from_deepspeed({"enabled": True, "foo": 1})
     with pytest.raises(ValueError, match="enabled must be true or false"):
         CurriculumLearning.from_deepspeed({"enabled": "yes"})
     with pytest.raises(ValueError, match="curriculum_metrics must be a mapping"):
         CurriculumLearning.from_deepspeed({"enabled": True, "curriculum_metrics": [1]})
     with pytest.raises(ValueError, match="seqlen: schedule_config.total_curriculum_step"):
         CurriculumLearning.from_deepspeed({"enabled": True, "curriculum_metrics": {"seqlen": linear(4, 8, 0)}})
+
+
+def test_enabled_defaults_to_false_like_randomltd():
+    # DeepSpeed: every enabled flag defaults to false; both callbacks read them with one helper
+    from lightning_dataeff.callbacks import RandomLTD
+
+    ltd = {"enabled": True, "random_ltd_schedule": {"min_value": 16, "max_value": 64, "schedule_type": "fixed_linear",
+                                                    "schedule_config": {"require_steps": 10, "seq_per_step": 8}}}
+    de = {"enabled": True, "data_routing": {"random_ltd": ltd},
+          "data_sampling": {"curriculum_learning": {"enabled": True, "curriculum_metrics": {}}}}
+    with pytest.warns(UserWarning, match="data_efficiency.data_routing.enabled is not set"):
+        assert RandomLTD.from_deepspeed({"data_efficiency": de}) is None
+    with pytest.warns(UserWarning, match="data_efficiency.data_sampling.enabled is not set"):
+        assert CurriculumLearning.from_deepspeed({"data_efficiency": de}) is None
+
+
+def test_load_state_dict_tolerates_missing_keys():
+    cb = CurriculumLearning()
+    cb.consumed = 7
+    with pytest.warns(UserWarning, match="no 'consumed' entry"):
+        cb.load_state_dict({})
+    assert cb.consumed == 0 and cb.seed is None
+    cb.load_state_dict({"consumed": 3, "seed": 9})
+    assert (cb.consumed, cb.seed) == (3, 9)
+    with pytest.raises(ValueError, match="'consumed' must be a non-negative integer"):
+        cb.load_state_dict({"consumed": -1})
+    sampler = CurriculumSampler(16, 2, seed=4)
+    sampler.set_position(5)
+    with pytest.warns(UserWarning, match=r"lacks \['seed', 'position'\]"):
+        sampler.load_state_dict({})
+    assert (sampler.seed, sampler.position) == (4, 5)
+    with pytest.warns(UserWarning, match=r"lacks \['seed'\]"):
+        sampler.load_state_dict({"position": 2})
+    assert (sampler.seed, sampler.position) == (4, 2)
+    with pytest.raises(ValueError, match="'seed' must be a non-negative integer"):
+        sampler.load_state_dict({"seed": "x", "position": 0})
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from lightning_dataeff._deepspeed_keys import deepspeed_enabled, warn_ignored_keys
+from lightning_dataeff._validation import check_int
 from lightning_dataeff.curriculum.analyzer import load_analysis
 from lightning_dataeff.curriculum.sampler import CurriculumSampler, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import set_batch_sequence_length
@@ -20,7 +22,6 @@ __all__ = ["CurriculumLearning"]
 #: single_cluster metrics with these names cut every batch to their difficulty (DeepSpeed's seqlen curriculum).
 _SEQLEN_METRICS = {"seqlen": "truncate", "seqlen_truncate": "truncate", "seqlen_reshape": "reshape"}
 _SECTION_KEYS = {"enabled", "data_cluster_path", "curriculum_metrics", "seed"}  # seed: data_efficiency.seed, passed down
-_LEGACY_KEYS = {"enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config"}
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
@@ -68,10 +69,10 @@ class CurriculumLearning(Callback):
         """Build from DeepSpeed's ``data_efficiency.data_sampling.curriculum_learning`` section as is.
 
         Also accepts a whole DeepSpeed config (``data_efficiency`` is looked up, its ``seed`` used; a
-        ``seed`` key in the section works too) and
-        the legacy top-level ``curriculum_learning`` form (``curriculum_type: seqlen``: truncation;
-        DeepSpeed evaluated it at ``global_step + 1``, we use ``global_step``). Returns ``None`` when a
-        parent or the section's ``enabled`` flag is false or absent (DeepSpeed's default is disabled).
+        ``seed`` key in the section works too). Returns ``None`` when a parent or the section's
+        ``enabled`` flag is false or absent (DeepSpeed's default is disabled). The legacy top-level
+        ``curriculum_learning`` form (``curriculum_type: seqlen``) is a sequence-length warmup, not a
+        sampler curriculum: it raises ``ValueError`` pointing to ``SeqLengthWarmup.from_deepspeed``.
         Keys we do not need are ignored with a warning; bad values raise ``ValueError`` naming the key.
         """
         if not isinstance(section, Mapping):
@@ -79,28 +80,28 @@ class CurriculumLearning(Callback):
         where = "curriculum_learning"
         if "data_efficiency" in section or "data_sampling" in section:
             de = section.get("data_efficiency", section)
-            if not _enabled(de, "data_efficiency"):
+            if not deepspeed_enabled(de, "data_efficiency"):
                 return None
             if seed is None and "seed" in de:
                 seed = de["seed"]
             ds = de.get("data_sampling", {})
-            if not _enabled(ds, "data_efficiency.data_sampling"):
+            if not deepspeed_enabled(ds, "data_efficiency.data_sampling"):
                 return None
             section = ds.get("curriculum_learning", {})
             where = "data_efficiency.data_sampling.curriculum_learning"
+        elif isinstance(section.get("curriculum_learning"), Mapping):  # a whole config with the legacy section
+            section = section["curriculum_learning"]
         if not isinstance(section, Mapping):
             raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
-        if not _enabled(section, where):
+        if not deepspeed_enabled(section, where):
             return None
-        if "curriculum_type" in section:  # legacy form
-            _warn_ignored(section, _LEGACY_KEYS, where)
-            if section["curriculum_type"] != "seqlen":
-                raise ValueError(f"{where}.curriculum_type must be 'seqlen', got {section['curriculum_type']!r}")
-            metric = {k: section[k] for k in ("min_difficulty", "max_difficulty", "schedule_type", "schedule_config")
-                      if k in section}
-            metric["clustering_type"] = "single_cluster"
-            return cls({"seqlen": metric}, seed=seed, analysis_dir=analysis_dir)
-        _warn_ignored(section, _SECTION_KEYS, where)
+        if "curriculum_type" in section:
+            raise ValueError(
+                f"{where}.curriculum_type: the legacy top-level curriculum_learning section (curriculum_type: "
+                "seqlen) is a sequence-length warmup; build it with "
+                "lightning_dataeff.callbacks.SeqLengthWarmup.from_deepspeed(section)"
+            )
+        warn_ignored_keys(section, _SECTION_KEYS, where, "not used by CurriculumLearning")
         if seed is None and section.get("seed") is not None:
             seed = section["seed"]
         if "data_cluster_path" in section:
@@ -191,28 +192,18 @@ class CurriculumLearning(Callback):
         seed = self.sampler.seed if self.sampler is not None else self.seed
         return {"consumed": self.consumed, "seed": seed}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.consumed = int(state_dict["consumed"])
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the consumed micro-batches (and the seed). A missing ``consumed`` restarts at 0, warned."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"CurriculumLearning state must be a mapping, got {type(state_dict).__name__}")
+        if "consumed" in state_dict:
+            self.consumed = check_int("CurriculumLearning state 'consumed'", state_dict["consumed"], 0)
+        else:
+            warnings.warn("CurriculumLearning state has no 'consumed' entry: the curriculum restarts at "
+                          "micro-batch 0", stacklevel=2)
+            self.consumed = 0
         if self.seed is None and state_dict.get("seed") is not None:
-            self.seed = int(state_dict["seed"])
-
-
-def _enabled(cfg: Any, where: str) -> bool:
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(cfg).__name__}")
-    value = cfg.get("enabled", False)
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}.enabled must be true or false, got {value!r}")
-    if "enabled" not in cfg:
-        warnings.warn(f"{where}.enabled is not set; DeepSpeed's default is false, so curriculum learning is off",
-                      stacklevel=3)
-    return value
-
-
-def _warn_ignored(section: Mapping[str, Any], known: set[str], where: str) -> None:
-    ignored = sorted(set(section) - known)
-    if ignored:
-        warnings.warn(f"{where}: keys {ignored} are not used by CurriculumLearning and are ignored", stacklevel=3)
+            self.seed = check_int("CurriculumLearning state 'seed'", state_dict["seed"], 0)
 
 
 def _find_loader(trainer: "pl.Trainer") -> DataLoader:

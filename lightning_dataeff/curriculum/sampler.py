@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from lightning_dataeff._validation import check_int
 from lightning_dataeff.curriculum.analyzer import DIFFICULTY_TYPES, MetricAnalysis, load_analysis
 from lightning_dataeff.schedules import Schedule, build_schedule
 
@@ -135,14 +136,14 @@ class CurriculumSampler(Sampler[list[int]]):
         rank: int | None = None,
         accumulate: int = 1,
     ) -> None:
-        _check_int("num_samples", num_samples, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("accumulate", accumulate, 1)
+        check_int("num_samples", num_samples, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
+        check_int("accumulate", accumulate, 1)
         if num_replicas is not None:
-            _check_int("num_replicas", num_replicas, 1)
+            check_int("num_replicas", num_replicas, 1)
         if rank is not None:
-            _check_int("rank", rank, 0)
+            check_int("rank", rank, 0)
             if num_replicas is not None and rank >= num_replicas:
                 raise ValueError(f"rank ({rank}) must be < num_replicas ({num_replicas})")
         self.num_samples = num_samples
@@ -205,7 +206,7 @@ class CurriculumSampler(Sampler[list[int]]):
 
     def set_position(self, n: int) -> None:
         """Start the next iterator at micro-batch ``n`` (the number of micro-batches consumed)."""
-        _check_int("position", n, 0)
+        check_int("position", n, 0)
         self._start = n
 
     @property
@@ -216,8 +217,17 @@ class CurriculumSampler(Sampler[list[int]]):
         return {"position": self._start, "seed": self.seed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.seed = int(state["seed"])
-        self.set_position(int(state["position"]))
+        """Restore ``seed`` and ``position``; a missing entry keeps the current value, with a warning."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"CurriculumSampler state must be a mapping, got {type(state).__name__}")
+        missing = [k for k in ("seed", "position") if k not in state]
+        if missing:
+            warnings.warn(f"CurriculumSampler state lacks {missing}: keeping seed={self.seed}, "
+                          f"position={self._start} for them", stacklevel=2)
+        if "seed" in state:
+            self.seed = check_int("CurriculumSampler state 'seed'", state["seed"], 0)
+        if "position" in state:
+            self.set_position(check_int("CurriculumSampler state 'position'", state["position"], 0))
 
     # ------------------------------------------------------------------ pure functions of n
 
@@ -339,7 +349,3 @@ class CurriculumSampler(Sampler[list[int]]):
             f"metrics={[r.name for r in self.rules]}, position={self._start})"
         )
 
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
