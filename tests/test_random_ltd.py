@@ -275,6 +275,51 @@ def test_torch_encoder_masks_while_dropping(batch_first):
         torch.testing.assert_close(a[:, :-1], c[:, :-1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,default", [("vit", (0,)), ("bert", (0,)), ("gpt2", ()), ("llama", ())])
+def test_keep_positions_default_protects_cls_of_encoders(kind, default):
+    model, inputs = make(kind)
+    state = apply_random_ltd(model, kept_tokens=3, seed=1)
+    assert state.keep_positions == default
+    model.train()
+    for step in range(4):
+        state.step = step
+        model(**inputs)
+        if default:  # the CLS token is in every (layer, sample) subset
+            assert (state.last_indices[..., 0] == 0).all()
+    remove_random_ltd(model)
+    assert apply_random_ltd(model, kept_tokens=3, keep_positions=()).keep_positions == ()  # explicit () overrides
+    remove_random_ltd(model)
+    assert apply_random_ltd(model, kept_tokens=3, keep_positions=[2]).keep_positions == (2,)
+
+
+def test_keep_positions_defaults_of_registered_vision_blocks():
+    from lightning_dataeff.random_ltd.blocks import _BY_PATH
+
+    assert _BY_PATH["transformers.models.deit.modeling_deit.DeiTLayer"].keep_positions == (0, 1)  # CLS + distillation
+    assert _BY_PATH["transformers.models.dinov2.modeling_dinov2.Dinov2Layer"].keep_positions == (0,)
+    assert _BY_PATH["transformers.models.roberta.modeling_roberta.RobertaLayer"].keep_positions == (0,)
+
+
+def test_fast_argument_binding_matches_inspect():
+    from lightning_dataeff.random_ltd.apply import _bind, _call, _flatten
+
+    class Block(nn.Module):
+        def forward(self, hidden_states, attention_mask=None, /, scale=1.0, *, use_cache=False, **kw):
+            return hidden_states * scale, attention_mask, use_cache, kw
+
+    blk, x = Block(), torch.ones(1, 2, 3)
+    for args, kwargs in [((x,), {}), ((x, None), {"scale": 2.0, "extra": 1}), ((x, None, 3.0), {"use_cache": True})]:
+        flat = _flatten(Block, args, kwargs)
+        ref = {k: v for k, v in _bind(Block, blk, args, kwargs)[1].items() if k != "self"}
+        assert flat.keys() == ref.keys() and all(flat[k] is ref[k] for k in ref)
+        got, want = _call(Block, blk, flat), Block.forward(blk, *args, **kwargs)
+        assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+    assert _flatten(Block, (x, None, 2.0, 4), {}) is None  # too many positionals: inspect raises the TypeError
+    with pytest.raises(TypeError):
+        _bind(Block, blk, (x, None, 2.0), {"scale": 3.0})
+    assert _flatten(Block, (x, None, 2.0), {"scale": 3.0}) is None  # given twice: left to inspect/forward
+
+
 def test_indices_sorted_reproducible_and_keep_positions():
     model, inputs = make("vit")
     state = apply_random_ltd(model, kept_tokens=5, layers=[0, 2, 3], keep_positions=[0], seed=3)

@@ -78,16 +78,16 @@ def test_schedule_logging_and_teardown():
 
 def test_kept_tokens_schedule_values():
     cb = RandomLTD(min_tokens=8, max_tokens=64, duration=10, seq_per_step=8)
-    cb._total_steps = 10
+    cb.total_steps = 10
     assert [cb.kept_tokens(s, 128) for s in (0, 1, 2, 5, 9, 10, 50)] == [8, 8, 16, 32, 56, 64, 64]
     assert cb.kept_tokens(5, 20) == 20  # capped by the batch length (curriculum truncation)
     assert cb.kept_tokens(0, 4) == 4
     full = RandomLTD(min_tokens=8, max_tokens=None, duration=10, seq_per_step=16)
-    full._total_steps = 10
+    full.total_steps = 10
     assert full.kept_tokens(0, 128) == 16  # DeepSpeed would round 8 down to 0
     assert full.kept_tokens(10, 128) == 128 and full.kept_tokens(10, 96) == 96
     root = RandomLTD(min_tokens=8, max_tokens=72, duration=16, schedule_type="fixed_root", root_degree=2)
-    root._total_steps = 16
+    root.total_steps = 16
     assert root.kept_tokens(4, 128) == 40  # sqrt(1/4) * 64 + 8
 
 
@@ -96,7 +96,7 @@ def test_fraction_duration_and_blocks_built_in_configure_model():
     cb = RandomLTD(min_tokens=2, duration=0.5, seq_per_step=2)
     t = trainer(4, [cb])
     t.fit(lm, loader(8))
-    assert cb._total_steps == 2
+    assert cb.total_steps == 2
     assert lm.kept == [2, 5 - 1, 8, 8]
     assert set(lm.classes) == {"RandomLTDGPT2Block"}
 
@@ -156,8 +156,14 @@ def test_from_deepspeed():
     nested["data_efficiency"]["data_routing"]["enabled"] = True
     with pytest.warns(UserWarning):
         assert RandomLTD.from_deepspeed(nested).max_tokens == 64
-    with pytest.raises(ValueError, match="random_ltd_layer_num"):
+    with pytest.raises(ValueError, match=r"random_ltd_layer_num \(3\) != len\(random_ltd.random_ltd_layer_id\) \(2\)"):
         RandomLTD.from_deepspeed({**section, "random_ltd_layer_num": 3})
+    no_ids = {k: v for k, v in section.items() if k != "random_ltd_layer_id"}
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="without random_ltd.random_ltd_layer_id"):
+        RandomLTD.from_deepspeed(no_ids)  # DeepSpeed requires the ids; the number alone was silently ignored
+    no_parent_flag = {"data_efficiency": {"enabled": True, "data_routing": {"random_ltd": section}}}
+    with pytest.warns(UserWarning, match="data_efficiency.data_routing.enabled is not set"):
+        assert RandomLTD.from_deepspeed(no_parent_flag) is None  # missing enabled = false, as in DeepSpeed
     with pytest.raises(ValueError, match="unknown key.*bogus"):
         RandomLTD.from_deepspeed({**section, "bogus": 1})
     with pytest.raises(ValueError, match="random_ltd_schedule is required"):
@@ -177,7 +183,10 @@ def test_from_deepspeed():
     [
         (dict(min_tokens=64, max_tokens=8), ValueError, r"min_tokens \(64\) must be <= max_tokens \(8\)"),
         (dict(min_tokens=0), ValueError, "min_tokens must be a positive integer"),
-        (dict(min_tokens=8, duration=0), ValueError, "duration in steps"),
+        (dict(min_tokens=8, duration=0), ValueError, "duration in optimizer steps"),
+        (dict(min_tokens=4, max_tokens=6, seq_per_step=8), ValueError,
+         r"seq_per_step \(8\) is too large for max_tokens \(6\)"),
+        (dict(min_tokens=8, root_degree=2), ValueError, "root_degree needs schedule_type='fixed_root'"),
         (dict(min_tokens=8, duration=1.5), ValueError, r"duration as a fraction.*\(0, 1\]"),
         (dict(min_tokens=8, duration="1"), ValueError, "duration must be"),
         (dict(min_tokens=8, schedule_type="fixed_discrete"), ValueError, "schedule_type"),
@@ -190,6 +199,14 @@ def test_from_deepspeed():
 def test_bad_arguments(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         RandomLTD(**kwargs)
+
+
+def test_ramp_ends_at_full_length_and_warns_when_rounding_collapses():
+    cb = RandomLTD(min_tokens=32, duration=10, seq_per_step=8)
+    assert [cb.kept_tokens(s, 197) for s in (0, 9, 10, 1000)] == [32, 176, 197, 197]  # ViT: not stuck at 192
+    short = RandomLTD(min_tokens=2, duration=10, seq_per_step=8)
+    with pytest.warns(UserWarning, match=r"seq_per_step \(8\) is too large for inputs of 6 tokens"):
+        assert short.kept_tokens(0, 6) == 6
 
 
 def test_unknown_layer_index_raises_at_setup():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -10,20 +9,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_dataeff._deepspeed_keys import deepspeed_enabled
+from lightning_dataeff._validation import check_int
+from lightning_dataeff.callbacks._common import check_duration, resolve_duration
 from lightning_dataeff.random_ltd import RandomLTDState, apply_random_ltd, find_blocks, remove_random_ltd
-from lightning_dataeff.random_ltd.apply import _bind, _check_keep_positions, _in_backward, random_ltd_state
+from lightning_dataeff.random_ltd.apply import _check_keep_positions, _hidden_args, _in_backward, random_ltd_state
 from lightning_dataeff.random_ltd.blocks import supported_block_names
-from lightning_dataeff.schedules import FixedRoot, build_schedule
+from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, LengthRamp, build_schedule
 
 __all__ = ["RandomLTD", "TokenBudget"]
-
-_SCHEDULE_TYPES = ("fixed_linear", "fixed_root")
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
@@ -49,7 +43,9 @@ class RandomLTD(Callback):
         seq_per_step: kept lengths are multiples of this (DeepSpeed's ``seq_per_step``).
         root_degree: root degree of ``fixed_root``.
         layers: block indices that drop tokens (default every block but the first and the last).
-        keep_positions: positions never dropped (``[0]`` for a CLS token).
+        keep_positions: positions never dropped. ``None`` (default): the block adapter's default, the
+            CLS token (position 0) for ViT/Dinov2/BERT-family encoders (0 and 1 for DeiT), none for
+            decoders; an explicit value, ``()`` included, overrides it.
         seed: base seed of the token sampling (indices depend on seed, step, rank).
         block_types: restrict block matching to these registered classes.
 
@@ -65,37 +61,26 @@ class RandomLTD(Callback):
         seq_per_step: int = 8,
         root_degree: float = 1,
         layers: Sequence[int] | None = None,
-        keep_positions: Sequence[int] = (),
+        keep_positions: Sequence[int] | None = None,
         seed: int = 0,
         block_types: Iterable[type] | None = None,
     ) -> None:
-        self.min_tokens = _positive_int("min_tokens", min_tokens)
-        if max_tokens is not None:
-            _positive_int("max_tokens", max_tokens)
-            if min_tokens > max_tokens:
-                raise ValueError(f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens})")
-        self.max_tokens = max_tokens
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
-            raise ValueError(f"duration must be an int (steps) or a float in (0, 1], got {duration!r}")
-        if isinstance(duration, int) and duration < 1:
-            raise ValueError(f"duration in steps must be >= 1, got {duration}")
-        if isinstance(duration, float) and not 0.0 < duration <= 1.0:
-            raise ValueError(f"duration as a fraction of training must be in (0, 1], got {duration}")
-        self.duration = duration
-        if schedule_type not in _SCHEDULE_TYPES:
-            raise ValueError(f"schedule_type must be one of {', '.join(_SCHEDULE_TYPES)}; got {schedule_type!r}")
+        if schedule_type not in RAMP_TYPES:
+            raise ValueError(f"schedule_type must be one of {', '.join(RAMP_TYPES)}; got {schedule_type!r}")
+        if schedule_type == "fixed_linear" and root_degree != 1:
+            raise ValueError("root_degree needs schedule_type='fixed_root'")
+        self._ramp = LengthRamp(min_tokens, max_tokens, seq_per_step, root_degree,
+                                names={"min_value": "min_tokens", "max_value": "max_tokens",
+                                       "step_size": "seq_per_step"})
+        self.min_tokens, self.max_tokens, self.seq_per_step = min_tokens, max_tokens, seq_per_step
+        self.duration = check_duration(duration)
         self.schedule_type = schedule_type
-        self.seq_per_step = _positive_int("seq_per_step", seq_per_step)
-        if isinstance(root_degree, bool) or not isinstance(root_degree, (int, float)) or not (
-            root_degree > 0 and math.isfinite(root_degree)
-        ):
-            raise ValueError(f"root_degree must be a positive number, got {root_degree!r}")
-        self.root_degree = root_degree if schedule_type == "fixed_root" else 1
+        self.root_degree = root_degree
         if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable)):
             raise TypeError(f"layers must be a sequence of block indices, got {layers!r}")
         self.layers = None if layers is None else list(layers)
-        self.keep_positions = _check_keep_positions(keep_positions)
-        if self.min_tokens < len(self.keep_positions):
+        self.keep_positions = None if keep_positions is None else _check_keep_positions(keep_positions)
+        if self.keep_positions is not None and self.min_tokens < len(self.keep_positions):
             raise ValueError(
                 f"min_tokens ({min_tokens}) must be >= the number of keep_positions ({len(self.keep_positions)})"
             )
@@ -107,36 +92,32 @@ class RandomLTD(Callback):
         self._state: RandomLTDState | None = None
         self._module: torch.nn.Module | None = None
         self._pending: dict | None = None
-        self._total_steps: int | None = None
-        self._schedules: dict[int, FixedRoot] = {}
 
     # construction from DeepSpeed configs ----------------------------------------------------------
     @classmethod
     def from_deepspeed(cls, section: Mapping[str, Any], **overrides: Any) -> "RandomLTD | None":
         """Build from DeepSpeed's ``random_ltd`` dict (or a ``data_efficiency``/``data_routing`` dict above it).
 
-        Returns None when any ``enabled`` flag on the path is false. ``random_ltd_layer_id`` becomes
-        ``layers``; ``total_layer_num`` is checked against the blocks found. Keys we derive automatically
+        Returns None when any ``enabled`` flag on the path is false or absent (DeepSpeed's default is
+        false). ``random_ltd_layer_id`` (required by DeepSpeed) becomes ``layers``; ``random_ltd_layer_num``
+        must equal its length; ``total_layer_num`` is checked against the blocks found. Keys we derive automatically
         (``model_mask_name``, ``model_type``, ``hidden_state_order``) are ignored with a warning;
         ``layer_token_lr_schedule`` is ignored with a pointer to :class:`LayerTokenLRScheduler`.
         ``overrides`` are passed to the constructor (e.g. ``keep_positions=[0]``).
         """
         if not isinstance(section, Mapping):
             raise ValueError(f"random_ltd config must be a mapping, got {type(section).__name__}")
-        for parent in ("data_efficiency", "data_routing"):
+        where = "random_ltd"
+        for parent, holder in (("data_efficiency", None), ("data_routing", "data_efficiency"),
+                               ("random_ltd", "data_efficiency.data_routing")):
             if parent in section:
-                if not section.get("enabled", True):
+                if holder is not None and not deepspeed_enabled(section, holder):
                     return None
                 section = section[parent]
+                where = f"{holder}.{parent}" if holder else parent
                 if not isinstance(section, Mapping):
-                    raise ValueError(f"{parent} must be a mapping")
-        if "random_ltd" in section:
-            if not section.get("enabled", True):
-                return None
-            section = section["random_ltd"]
-            if not isinstance(section, Mapping):
-                raise ValueError("random_ltd must be a mapping")
-        if not section.get("enabled", False):
+                    raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
+        if not deepspeed_enabled(section, where):
             return None
         known = {"enabled", "total_layer_num", "random_ltd_layer_num", "random_ltd_layer_id", "random_ltd_schedule",
                  "model_mask_name", "model_type", "hidden_state_order", "layer_token_lr_schedule"}
@@ -157,13 +138,20 @@ class RandomLTD(Callback):
                              "schedule_config{require_steps, seq_per_step})")
         built = build_schedule(sched)
         if not isinstance(built, FixedRoot):
-            raise ValueError(f"random_ltd.random_ltd_schedule.schedule_type must be one of {_SCHEDULE_TYPES}")
+            raise ValueError(f"random_ltd.random_ltd_schedule.schedule_type must be one of {RAMP_TYPES}")
         layers = section.get("random_ltd_layer_id")
-        if layers is not None and "random_ltd_layer_num" in section and section["random_ltd_layer_num"] != len(layers):
-            raise ValueError(
-                f"random_ltd.random_ltd_layer_num ({section['random_ltd_layer_num']}) != "
-                f"len(random_ltd_layer_id) ({len(layers)})"
-            )
+        if "random_ltd_layer_num" in section:
+            num = check_int("random_ltd.random_ltd_layer_num", section["random_ltd_layer_num"], 1)
+            if layers is None:
+                raise ValueError(
+                    f"random_ltd.random_ltd_layer_num ({num}) is given without random_ltd.random_ltd_layer_id: "
+                    "DeepSpeed requires random_ltd_layer_id (the block indices that drop tokens); add it, or drop "
+                    "both keys for the default (every block but the first and the last)"
+                )
+            if isinstance(layers, (list, tuple)) and num != len(layers):
+                raise ValueError(
+                    f"random_ltd.random_ltd_layer_num ({num}) != len(random_ltd.random_ltd_layer_id) ({len(layers)})"
+                )
         kwargs: dict[str, Any] = dict(
             min_tokens=built.min_value, max_tokens=built.max_value, duration=built.total_steps,
             schedule_type=sched["schedule_type"], seq_per_step=built.step_size, root_degree=built.root_degree,
@@ -172,7 +160,7 @@ class RandomLTD(Callback):
         kwargs.update(overrides)
         cb = cls(**kwargs)
         if "total_layer_num" in section:
-            cb.expected_num_layers = _positive_int("random_ltd.total_layer_num", section["total_layer_num"])
+            cb.expected_num_layers = check_int("random_ltd.total_layer_num", section["total_layer_num"], 1)
         return cb
 
     # public state ---------------------------------------------------------------------------------
@@ -181,20 +169,24 @@ class RandomLTD(Callback):
         """The :class:`RandomLTDState` of the patched model (None before setup)."""
         return self._state
 
+    @property
+    def total_steps(self) -> int | None:
+        """Ramp length in optimizer steps (None until a fractional duration is resolved at train start)."""
+        return self._ramp.total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        self._ramp.total_steps = value
+
     def kept_tokens(self, step: int, seq_len: int) -> int:
         """Kept tokens at optimizer ``step`` for batches of ``seq_len`` tokens.
 
         The schedule runs from ``min_tokens`` to ``max_tokens`` (or to ``seq_len`` when ``max_tokens`` is
         None); the result is capped at ``seq_len``.
         """
-        hi = seq_len if self.max_tokens is None else self.max_tokens
-        if hi <= self.min_tokens:
-            return min(hi, seq_len)
-        sched = self._schedules.get(hi)
-        if sched is None:
-            total = self._total_steps if self._total_steps is not None else self._resolve_steps(None)
-            sched = self._schedules[hi] = FixedRoot(self.min_tokens, hi, total, self.seq_per_step, self.root_degree)
-        return min(sched(step), seq_len)
+        if self.total_steps is None:
+            self.total_steps = resolve_duration(self.duration, None)
+        return self._ramp(step, seq_len)
 
     # lifecycle ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -209,8 +201,7 @@ class RandomLTD(Callback):
             self._apply(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._total_steps = self._resolve_steps(trainer)
-        self._schedules.clear()
+        self.total_steps = resolve_duration(self.duration, trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         state, step = self._state, trainer.global_step
@@ -265,19 +256,6 @@ class RandomLTD(Callback):
             self._state.load_state_dict(self._pending)
             self._pending = None
 
-    def _resolve_steps(self, trainer: pl.Trainer | None) -> int:
-        if isinstance(self.duration, int):
-            return self.duration
-        if trainer is None:
-            raise RuntimeError("RandomLTD: duration given as a fraction is resolved at on_train_start")
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(
-                "RandomLTD: duration as a fraction needs a finite trainer.estimated_stepping_batches "
-                "(set max_steps or use a sized dataloader), or give duration in steps (int)"
-            )
-        return max(1, round(self.duration * total))
-
 
 class TokenBudget(Callback):
     """Counts consumed tokens and layer-tokens (summed over processes) and stops at a budget.
@@ -306,7 +284,7 @@ class TokenBudget(Callback):
         for name, value in (("max_layer_tokens", max_layer_tokens), ("max_tokens", max_tokens),
                             ("num_layers", num_layers)):
             if value is not None:
-                _positive_int(name, value)
+                check_int(name, value, 1)
         self.max_layer_tokens = max_layer_tokens
         self.max_tokens = max_tokens
         self.num_layers = num_layers
@@ -384,8 +362,7 @@ class TokenBudget(Callback):
 
         def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if module.training and not _in_backward():
-                _, flat = _bind(base, module, args, kwargs)
-                x = adapter.hidden(module, flat)
+                x = adapter.hidden(module, _hidden_args(base, module, args, kwargs))
                 self._local[0] += x.shape[0] * x.shape[1]
                 self._local[1] += x.shape[0] * x.shape[1] * layers
 

@@ -53,6 +53,57 @@ def _signature(cls: type) -> inspect.Signature:
     return sig
 
 
+@dataclass(frozen=True)
+class _CallSpec:
+    """Names of ``cls.forward``'s positional parameters after ``self``, computed once per class."""
+
+    names: tuple[str, ...]
+    posonly: int  # how many of ``names`` are positional-only
+    varargs: bool  # has ``*args``: calls are bound with inspect (slow path)
+
+
+_SPECS: dict[type, _CallSpec] = {}
+
+
+def _spec(cls: type) -> _CallSpec:
+    spec = _SPECS.get(cls)
+    if spec is None:
+        params = list(_signature(cls).parameters.values())[1:]  # drop self
+        P = inspect.Parameter
+        names = tuple(p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD))
+        posonly = sum(p.kind is P.POSITIONAL_ONLY for p in params)
+        spec = _SPECS[cls] = _CallSpec(names, posonly, any(p.kind is P.VAR_POSITIONAL for p in params))
+    return spec
+
+
+def _flatten(cls: type, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The call's arguments by name (``**kwargs`` flattened), or None when only inspect can bind it."""
+    spec = _spec(cls)
+    if spec.varargs or len(args) > len(spec.names):
+        return None
+    flat = dict(zip(spec.names, args))
+    if len(flat) + len(kwargs) != len(flat.keys() | kwargs.keys()):
+        return None  # an argument given twice: let the original forward raise its TypeError
+    flat.update(kwargs)
+    return flat
+
+
+def _call(cls: type, module: nn.Module, flat: dict[str, Any]) -> Any:
+    """``cls.forward(module, ...)`` with arguments by name (positional-only ones by position)."""
+    spec = _spec(cls)
+    if not spec.posonly:
+        return cls.forward(module, **flat)
+    kwargs = dict(flat)
+    args = [kwargs.pop(n) for n in spec.names[: spec.posonly] if n in kwargs]
+    return cls.forward(module, *args, **kwargs)
+
+
+def _hidden_args(cls: type, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Flat name -> value dict of a block call (fast path, inspect only for ``*args`` signatures)."""
+    flat = _flatten(cls, args, kwargs)
+    return flat if flat is not None else _bind(cls, module, args, kwargs)[1]
+
+
 def _bind(cls: type, module: nn.Module, args: tuple, kwargs: dict) -> tuple[inspect.BoundArguments, dict]:
     """Bind a call to ``cls.forward``'s signature; return it and a flat name -> value dict."""
     bound = _signature(cls).bind(module, *args, **kwargs)
@@ -86,15 +137,22 @@ def _ltd_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     base_forward = info.base.forward
     if info.slot is None or not self.training:
         return base_forward(self, *args, **kwargs)
-    bound, flat = _bind(info.base, self, args, kwargs)
+    flat = _flatten(info.base, args, kwargs)
+    bound = None
+    if flat is None:  # *args in the signature, or a malformed call: bind with inspect
+        bound, flat = _bind(info.base, self, args, kwargs)
     x = info.adapter.hidden(self, flat)
     bsz, seq_len = x.shape[0], x.shape[1]
     kept = info.state.kept_for(seq_len)
     if kept >= seq_len:
         return base_forward(self, *args, **kwargs)
     idx = info.state.indices(info.slot, bsz, seq_len, kept, x.device)
-    new_args, new_kwargs = _rebind(bound, info.adapter.prepare(self, flat, idx))
-    out = base_forward(*new_args, **new_kwargs)
+    new = info.adapter.prepare(self, flat, idx)
+    if bound is None:
+        out = _call(info.base, self, new)
+    else:
+        new_args, new_kwargs = _rebind(bound, new)
+        out = base_forward(*new_args, **new_kwargs)
     return info.adapter.merge(self, flat, out, idx)
 
 
@@ -119,8 +177,7 @@ class _FirstBlockHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module.training and not _in_backward():
-            _, flat = _bind(self.base, module, args, kwargs)
-            x = self.adapter.hidden(module, flat)
+            x = self.adapter.hidden(module, _hidden_args(self.base, module, args, kwargs))
             self.state.begin_forward(x.shape[0], x.shape[1])
 
 
@@ -166,7 +223,7 @@ def apply_random_ltd(
     *,
     kept_tokens: int,
     layers: Iterable[int] | None = None,
-    keep_positions: Sequence[int] = (),
+    keep_positions: Sequence[int] | None = None,
     seed: int = 0,
     block_types: Iterable[type] | None = None,
 ) -> RandomLTDState:
@@ -178,7 +235,10 @@ def apply_random_ltd(
         kept_tokens: tokens every sample keeps in each random-LTD block (``state.kept_tokens`` changes it).
         layers: indices into the ordered list of matched blocks (DeepSpeed's ``random_ltd_layer_id``);
             default every block but the first and the last.
-        keep_positions: token positions that are always kept (e.g. ``[0]`` for a CLS token).
+        keep_positions: token positions that are always kept. ``None`` (default): the block adapters'
+            default, position 0 (the CLS token) for ViT, Dinov2, BERT, RoBERTa and ELECTRA blocks,
+            positions 0 and 1 (CLS and distillation tokens) for DeiT, none for decoders. An explicit
+            value, ``()`` included, overrides it.
         seed: base seed of the token sampling.
         block_types: restrict matching to these registered classes.
 
@@ -191,7 +251,8 @@ def apply_random_ltd(
         raise ValueError("apply_random_ltd: random-LTD is already applied to this model; call remove_random_ltd first")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    keep_positions = _check_keep_positions(keep_positions)
+    if keep_positions is not None:
+        keep_positions = _check_keep_positions(keep_positions)
     blocks = find_blocks(model, block_types)
     if not blocks:
         raise ValueError(
@@ -202,6 +263,8 @@ def apply_random_ltd(
         if _ATTR in module.__dict__:
             raise ValueError(f"apply_random_ltd: block {name!r} is already a random-LTD block (applied on another model)")
     layer_ids = resolve_layers(layers, len(blocks))
+    if keep_positions is None:
+        keep_positions = tuple(sorted(set().union(*(blocks[i][2].keep_positions for i in layer_ids))))
     state = RandomLTDState(
         kept_tokens=kept_tokens, layers=layer_ids, num_layers=len(blocks), keep_positions=keep_positions, seed=seed
     )

@@ -43,6 +43,8 @@ class BlockAdapter:
         clear_args: arguments set to None while dropping (KV caches: a cache of kept tokens is wrong).
         false_args: flags set to False while dropping (``use_cache``).
         reject_args: arguments that cannot be subset (packed-sequence offsets); dropping raises if given.
+        keep_positions: token positions never dropped unless the user passes ``keep_positions``
+            explicitly (``(0,)`` for the CLS token of ViT- and BERT-family encoders).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class BlockAdapter:
         clear_args: Sequence[str] = ("cache", "past_key_values", "past_key_value", "layer_past", "cache_position"),
         false_args: Sequence[str] = ("use_cache",),
         reject_args: Sequence[str] = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"),
+        keep_positions: Sequence[int] = (),
     ) -> None:
         self.hidden_arg = hidden_arg
         self.mask_args = tuple(mask_args)
@@ -65,6 +68,7 @@ class BlockAdapter:
         self.clear_args = tuple(clear_args)
         self.false_args = tuple(false_args)
         self.reject_args = tuple(reject_args)
+        self.keep_positions = tuple(keep_positions)
 
     def hidden(self, module: nn.Module, args: Mapping[str, Any]) -> torch.Tensor:
         """The hidden states as ``[B, S, H]`` (a view)."""
@@ -222,28 +226,30 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 _HF = HFBlockAdapter()
+_HF_CLS = HFBlockAdapter(keep_positions=(0,))  # encoders whose position 0 is the CLS token
+_HF_DEIT = HFBlockAdapter(keep_positions=(0, 1))  # DeiT: CLS and distillation tokens
 _HF_BLOCKS = {
-    "gpt2.modeling_gpt2.GPT2Block",
-    "vit.modeling_vit.ViTLayer",
-    "deit.modeling_deit.DeiTLayer",
-    "dinov2.modeling_dinov2.Dinov2Layer",
-    "bert.modeling_bert.BertLayer",
-    "roberta.modeling_roberta.RobertaLayer",
-    "electra.modeling_electra.ElectraLayer",
-    "llama.modeling_llama.LlamaDecoderLayer",
-    "mistral.modeling_mistral.MistralDecoderLayer",
-    "qwen2.modeling_qwen2.Qwen2DecoderLayer",
-    "qwen3.modeling_qwen3.Qwen3DecoderLayer",
-    "gemma.modeling_gemma.GemmaDecoderLayer",
-    "phi3.modeling_phi3.Phi3DecoderLayer",
-    "olmo.modeling_olmo.OlmoDecoderLayer",
-    "olmo2.modeling_olmo2.Olmo2DecoderLayer",
-    "granite.modeling_granite.GraniteDecoderLayer",
-    "starcoder2.modeling_starcoder2.Starcoder2DecoderLayer",
-    "cohere.modeling_cohere.CohereDecoderLayer",
+    "gpt2.modeling_gpt2.GPT2Block": _HF,
+    "vit.modeling_vit.ViTLayer": _HF_CLS,
+    "deit.modeling_deit.DeiTLayer": _HF_DEIT,
+    "dinov2.modeling_dinov2.Dinov2Layer": _HF_CLS,
+    "bert.modeling_bert.BertLayer": _HF_CLS,
+    "roberta.modeling_roberta.RobertaLayer": _HF_CLS,
+    "electra.modeling_electra.ElectraLayer": _HF_CLS,
+    "llama.modeling_llama.LlamaDecoderLayer": _HF,
+    "mistral.modeling_mistral.MistralDecoderLayer": _HF,
+    "qwen2.modeling_qwen2.Qwen2DecoderLayer": _HF,
+    "qwen3.modeling_qwen3.Qwen3DecoderLayer": _HF,
+    "gemma.modeling_gemma.GemmaDecoderLayer": _HF,
+    "phi3.modeling_phi3.Phi3DecoderLayer": _HF,
+    "olmo.modeling_olmo.OlmoDecoderLayer": _HF,
+    "olmo2.modeling_olmo2.Olmo2DecoderLayer": _HF,
+    "granite.modeling_granite.GraniteDecoderLayer": _HF,
+    "starcoder2.modeling_starcoder2.Starcoder2DecoderLayer": _HF,
+    "cohere.modeling_cohere.CohereDecoderLayer": _HF,
 }
 # Registered by import path (exact class identity without importing transformers).
-_BY_PATH: dict[str, BlockAdapter] = {"transformers.models." + p: _HF for p in _HF_BLOCKS}
+_BY_PATH: dict[str, BlockAdapter] = {"transformers.models." + p: a for p, a in _HF_BLOCKS.items()}
 _BY_CLASS: dict[type, BlockAdapter] = {nn.TransformerEncoderLayer: TransformerEncoderLayerAdapter()}
 
 
