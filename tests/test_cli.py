@@ -138,6 +138,7 @@ def test_gpt2_tiny_fit_writes_all_outputs(tmp_path, capsys):
     assert (out / "logs" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_vit_tiny_fit_keeps_cls_and_reports_accuracy(tmp_path):
     out = tmp_path / "vit"
     assert main(["fit", VIT, f"output_dir={out}", "trainer.max_steps=3", "data.max_val_samples=64", *QUIET]) == 0
