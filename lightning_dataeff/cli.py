@@ -108,14 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Optional packages the recipes import, and how to install them.
 _EXTRAS = {
-    "transformers": "'lightning-dataeff[hf]'",
-    "tokenizers": "'lightning-dataeff[hf]'",
-    "datasets": "'lightning-dataeff[hf]'",
-    "matplotlib": "'lightning-dataeff[bench]'",
-    "sklearn": "scikit-learn",
-    "PIL": "pillow",
-    "tensorboard": "tensorboard",
+    name: "'lightning-dataeff[recipes]'" for name in ("transformers", "tokenizers", "datasets", "matplotlib", "sklearn")
 }
+_EXTRAS.update({"PIL": "pillow", "tensorboard": "tensorboard"})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -188,7 +188,7 @@ def test_missing_optional_package_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert main(["fit", str(ROOT / "recipes" / "gpt2-tiny.yaml"), "trainer.max_steps=1"]) == 1
     err = capsys.readouterr().err.strip()
-    assert "'transformers'" in err and "lightning-dataeff[hf]" in err and len(err.splitlines()) == 1
+    assert "'transformers'" in err and "lightning-dataeff[recipes]" in err and len(err.splitlines()) == 1
 
 
 class _FakeSplit:
