@@ -107,3 +107,74 @@ def test_resume_and_errors():
 
     with pytest.raises(ValueError, match="TokenBudget: no transformer block.*register_block"):
         fit(Plain(), [TokenBudget(max_tokens=5)])
+
+
+class _FakeStrategy:
+    def __init__(self):
+        self.calls = 0
+
+    def reduce(self, t, reduce_op):
+        self.calls += 1
+        return t * 2  # two ranks with the same counts
+
+
+class _FakeTrainer:
+    """Just what TokenBudget reads, with world_size 2 and a counting all-reduce."""
+
+    def __init__(self, log_every_n_steps=3, schedulers=()):
+        self.world_size, self.fast_dev_run, self.should_stop = 2, False, False
+        self.log_every_n_steps = log_every_n_steps
+        self.strategy = _FakeStrategy()
+        self.lr_scheduler_configs = [type("Cfg", (), {"scheduler": s})() for s in schedulers]
+        self.fit_loop = type("Loop", (), {})()
+        self.fit_loop.epoch_loop = type("Epoch", (), {"_batches_that_stepped": 0})()
+        self._logger_connector = self
+
+    @property
+    def should_update_logs(self):
+        return (self.fit_loop.epoch_loop._batches_that_stepped + 1) % self.log_every_n_steps == 0
+
+
+class _FakeModule:
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, name, value, **kw):
+        self.logged.append((name, value))
+
+
+def _run_steps(budget, trainer, steps=6):
+    module, view = _FakeModule(), type("View", (), {})()
+    view.state = type("State", (), {"consumed_tokens": 0, "consumed_layer_tokens": 0})()
+    budget._rltd = view
+    budget.on_train_start(trainer, module)
+    for _ in range(steps):
+        view.state.consumed_tokens += 16
+        view.state.consumed_layer_tokens += 64
+        budget.on_before_optimizer_step(trainer, module, None)
+        trainer.fit_loop.epoch_loop._batches_that_stepped += 1
+    return module
+
+
+def test_ddp_counts_all_reduce_only_when_needed():
+    budget, trainer = TokenBudget(), _FakeTrainer(log_every_n_steps=3)
+    module = _run_steps(budget, trainer)
+    assert trainer.strategy.calls == 2  # logging steps 3 and 6 only, no budget, no layer-token scheduler
+    assert [v for k, v in module.logged if k == "tokens/consumed"] == [3 * 32.0, 6 * 32.0]
+    assert (budget.consumed_tokens, budget.consumed_layer_tokens) == (6 * 32, 6 * 128)  # nothing lost in between
+    for every_step in (TokenBudget(max_tokens=10**9), TokenBudget(sync_every_step=True)):
+        trainer = _FakeTrainer(log_every_n_steps=3)
+        _run_steps(every_step, trainer)
+        assert trainer.strategy.calls == 6
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched_budget = TokenBudget()
+    sched = LayerTokenLRScheduler(opt, total_layer_tokens=10**6, counter=lambda: sched_budget.consumed_layer_tokens)
+    trainer = _FakeTrainer(log_every_n_steps=50, schedulers=[sched])
+    _run_steps(sched_budget, trainer)
+    assert trainer.strategy.calls == 6  # the LR scheduler reads the global count every step
+    budget.on_train_end(trainer, _FakeModule())  # a final sync with nothing pending changes nothing
+    assert budget.consumed_tokens == 6 * 32
+    with pytest.raises(ValueError, match="sync_every_step"):
+        TokenBudget(sync_every_step=1)

@@ -12,7 +12,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning_dataeff._deepspeed_keys import deepspeed_enabled
 from lightning_dataeff._validation import check_int
 from lightning_dataeff.callbacks._common import check_duration, resolve_duration
-from lightning_dataeff.random_ltd import RandomLTDState, apply_random_ltd, find_blocks, remove_random_ltd
+from lightning_dataeff.random_ltd import (
+    LayerTokenLRScheduler,
+    RandomLTDState,
+    apply_random_ltd,
+    find_blocks,
+    remove_random_ltd,
+)
 from lightning_dataeff.random_ltd.apply import _check_keep_positions, _hidden_args, _in_backward, random_ltd_state
 from lightning_dataeff.random_ltd.blocks import supported_block_names
 from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, LengthRamp, build_schedule
@@ -262,16 +268,24 @@ class TokenBudget(Callback):
 
     Uses the :class:`RandomLTD` callback's counts when one is on the trainer; otherwise counts the token
     positions entering the first transformer block of each training forward (``B * S``) times the number
-    of blocks (``num_layers`` or the registered blocks found). Counters update once per optimizer step,
-    before the optimizer steps, so a :class:`LayerTokenLRScheduler` with
-    ``counter=lambda: budget.consumed_layer_tokens`` sees the current step. Logs ``tokens/consumed`` and
-    ``tokens/layer_tokens``; ``state_dict`` restores the counters exactly.
+    of blocks (``num_layers`` or the registered blocks found). Counters update before the optimizer
+    steps, so a :class:`LayerTokenLRScheduler` with ``counter=lambda: budget.consumed_layer_tokens`` sees
+    the current step; being summed over processes, they give every rank the same learning rate (use this
+    counter, not a per-rank :class:`RandomLTDState`'s). Logs ``tokens/consumed`` and ``tokens/layer_tokens``
+    on logging steps; ``state_dict`` restores the counters exactly.
+
+    Under DDP the counts are all-reduced only when needed: every optimizer step when a budget is set, a
+    ``LayerTokenLRScheduler`` is among the Trainer's schedulers, or ``sync_every_step=True``; otherwise on
+    logging steps, when a checkpoint is saved and at the end of training (in between, the counters lag).
+    A single process never communicates nor synchronizes with the device.
 
     Args:
         max_layer_tokens: stop once this many layer-tokens are consumed.
         max_tokens: stop once this many tokens are consumed.
         num_layers: number of blocks to count when no RandomLTD callback is used (default: blocks found).
         block_types: restrict block matching to these registered classes.
+        sync_every_step: keep the global counters exact every step under DDP even without a budget or a
+            ``LayerTokenLRScheduler`` (e.g. when your own code reads them every step).
     """
 
     def __init__(
@@ -280,7 +294,11 @@ class TokenBudget(Callback):
         max_tokens: int | None = None,
         num_layers: int | None = None,
         block_types: Iterable[type] | None = None,
+        sync_every_step: bool = False,
     ) -> None:
+        if not isinstance(sync_every_step, bool):
+            raise ValueError(f"sync_every_step must be True or False, got {sync_every_step!r}")
+        self.sync_every_step = sync_every_step
         for name, value in (("max_layer_tokens", max_layer_tokens), ("max_tokens", max_tokens),
                             ("num_layers", num_layers)):
             if value is not None:
@@ -295,6 +313,7 @@ class TokenBudget(Callback):
         self._hook = None
         self._local = [0, 0]  # this process's counts (tokens, layer-tokens) since fit start
         self._seen = [0, 0]  # local counts already added to the global counters
+        self._every_step = True  # set at on_train_start: all-reduce every optimizer step under DDP
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -311,21 +330,44 @@ class TokenBudget(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen = list(self._local_counts())
+        self._every_step = (
+            self.sync_every_step or self.max_layer_tokens is not None or self.max_tokens is not None
+            or any(isinstance(cfg.scheduler, LayerTokenLRScheduler) for cfg in trainer.lr_scheduler_configs)
+        )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        local = self._local_counts()
-        delta = torch.tensor([local[0] - self._seen[0], local[1] - self._seen[1]], dtype=torch.float64)
-        self._seen = list(local)
-        if trainer.world_size > 1:
-            delta = trainer.strategy.reduce(delta.to(pl_module.device), reduce_op="sum").cpu()
-        self.consumed_tokens += int(delta[0].item())
-        self.consumed_layer_tokens += int(delta[1].item())
-        pl_module.log("tokens/consumed", float(self.consumed_tokens), on_step=True, on_epoch=False)
-        pl_module.log("tokens/layer_tokens", float(self.consumed_layer_tokens), on_step=True, on_epoch=False)
+        if trainer.world_size > 1 and not (self._every_step or _log_step(trainer)):
+            return  # no collective: the local counts wait for the next sync
+        self._sync(trainer, pl_module)
         if (self.max_layer_tokens is not None and self.consumed_layer_tokens >= self.max_layer_tokens) or (
             self.max_tokens is not None and self.consumed_tokens >= self.max_tokens
         ):
             trainer.should_stop = True
+        if _should_log(trainer):  # after should_stop: Lightning logs the step training stops at
+            pl_module.log("tokens/consumed", float(self.consumed_tokens), on_step=True, on_epoch=False)
+            pl_module.log("tokens/layer_tokens", float(self.consumed_layer_tokens), on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Runs on every rank after state_dict() was collected: sync the pending counts into the checkpoint.
+        self._sync(trainer, pl_module)
+        callbacks = checkpoint.get("callbacks")
+        if isinstance(callbacks, dict) and self.state_key in callbacks:
+            callbacks[self.state_key] = self.state_dict()
+
+    def _sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Add every process's counts since the last sync to the global counters (one all-reduce under DDP)."""
+        local = self._local_counts()
+        delta = [local[0] - self._seen[0], local[1] - self._seen[1]]
+        self._seen = list(local)
+        if trainer.world_size > 1:
+            summed = trainer.strategy.reduce(torch.tensor(delta, dtype=torch.float64, device=pl_module.device),
+                                             reduce_op="sum")
+            delta = [int(v) for v in summed.cpu().tolist()]
+        self.consumed_tokens += delta[0]
+        self.consumed_layer_tokens += delta[1]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._hook is not None:
@@ -367,6 +409,18 @@ class TokenBudget(Callback):
                 self._local[1] += x.shape[0] * x.shape[1] * layers
 
         self._hook = first.register_forward_pre_hook(count, with_kwargs=True)
+
+
+def _should_log(trainer: pl.Trainer) -> bool:
+    """Whether Lightning sends this optimizer step's metrics to the loggers."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(trainer.fast_dev_run) or connector is None or bool(connector.should_update_logs)
+
+
+def _log_step(trainer: pl.Trainer) -> bool:
+    """Whether this optimizer step is a logging step by count alone (the same on every rank)."""
+    n = trainer.log_every_n_steps
+    return bool(trainer.fast_dev_run) or (n > 0 and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % n == 0)
 
 
 class _StateView:

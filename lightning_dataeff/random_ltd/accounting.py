@@ -27,8 +27,12 @@ class LayerTokenLRScheduler(LRScheduler):
     ``p = (c - warmup) / (total - warmup)`` clipped to [0, 1]: cosine ``m + (1 - m) (1 + cos(pi p)) / 2``,
     linear ``m + (1 - m)(1 - p)``, or constant 1, where ``m = min_lr_ratio``. Call ``step()`` after every
     optimizer step (Lightning: ``interval="step"``). The lr is a pure function of the counter, so resuming
-    with a restored counter (e.g. :class:`~lightning_dataeff.callbacks.random_ltd.TokenBudget` or the
-    :class:`RandomLTDState` counters) and this scheduler's ``state_dict`` reproduces it exactly.
+    with a restored counter and this scheduler's ``state_dict`` reproduces it exactly.
+
+    Use :class:`~lightning_dataeff.callbacks.random_ltd.TokenBudget`'s global count,
+    ``counter=lambda: budget.consumed_layer_tokens``: it is summed over processes, so every rank gets the
+    same lr. A :class:`RandomLTDState`'s counters are per process: under DDP with dynamic padding the
+    ranks' counts (and so their learning rates) would differ.
 
     Args:
         optimizer: the wrapped optimizer.
@@ -36,7 +40,7 @@ class LayerTokenLRScheduler(LRScheduler):
         warmup_layer_tokens: layer-tokens of linear warmup from 0.
         decay: ``"cosine"``, ``"linear"`` or ``"constant"``.
         min_lr_ratio: final lr as a fraction of the base lr.
-        counter: returns the consumed layer-tokens so far.
+        counter: returns the consumed layer-tokens so far, summed over processes (``TokenBudget``).
     """
 
     def __init__(

@@ -8,15 +8,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from lightning_dataeff._validation import check_int
 from triton_kernels import sample_token_indices
 
 __all__ = ["RandomLTDState"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _mix_seed(*parts: int) -> int:
@@ -45,6 +40,8 @@ class RandomLTDState:
         last_indices: ``LongTensor[len(layers), B, K]`` used by the latest dropping training forward (or None).
         consumed_tokens / consumed_layer_tokens: token positions entering the model, and token positions
             processed summed over all blocks, counted once per training forward from the actual lengths.
+            They count this process only: to drive a ``LayerTokenLRScheduler`` or a budget under DDP use
+            ``TokenBudget``'s counters, summed over processes.
     """
 
     def __init__(
@@ -79,7 +76,7 @@ class RandomLTDState:
 
     @kept_tokens.setter
     def kept_tokens(self, value: int) -> None:
-        value = _check_positive_int("kept_tokens", value)
+        value = check_int("kept_tokens", value, 1)
         if value < len(self.keep_positions):
             raise ValueError(
                 f"kept_tokens ({value}) must be >= the number of keep_positions ({len(self.keep_positions)})"
