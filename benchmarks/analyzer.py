@@ -246,7 +246,8 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
         f"1-minute load average {args.load_before:.1f} before the runs, {min(args.loads, default=0):.1f} to "
         f"{max(args.loads, default=0):.1f} after each run (a machine shared with other jobs: with {os.cpu_count()} cores "
         "and a load above that, extra processes cannot speed anything up). Samples per CPU-second (CPU time of all "
-        "the tool's processes, least over the runs) is the throughput that does not depend on the other jobs.\n",
+        "the tool's processes, least over the runs) depends less on the other jobs than wall time, though shared "
+        "caches and memory bandwidth still move it by 20-30% from run to run.\n",
         "| tool | processes | samples/s | seconds | samples/CPU-s | output files | output MB | speedup vs DeepSpeed "
         "(wall) | speedup vs DeepSpeed (CPU) |",
         "|---|---|---|---|---|---|---|---|---|",
