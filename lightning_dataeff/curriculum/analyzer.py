@@ -501,14 +501,16 @@ def _map_chunk(i: int) -> int:
     for a, items in _chunk_blocks(i):
         if _needs_seqlen(specs):
             t, n = chunk_tokens(items, meta["pad_token_id"])
-            toks.append(_compact(t, a, len(items)) if _needs_rarity(specs) else t)
             lens.append(n)
+            if _needs_rarity(specs):  # seqlen alone needs only the counts
+                toks.append(_compact(t, a, len(items)))
         for name, fn in user.items():
             values[name].append(user_values(fn, name, items, a))
     arrays: dict[str, np.ndarray] = {name: _concat(v) for name, v in values.items()}
     if _needs_seqlen(specs):
-        cat, arrays["_seqlen"] = _concat(toks), _concat(lens)
+        arrays["_seqlen"] = _concat(lens)
         if _needs_rarity(specs):
+            cat = _concat(toks)
             c = np.bincount(cat)  # also the largest id: len(c) - 1
             if meta["vocab_counts_sha"] is None:
                 nz = np.flatnonzero(c)
