@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from lightning_dataeff._deepspeed_keys import deepspeed_enabled
+from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, build_schedule
+
 __all__ = ["DeepSpeedImport", "import_deepspeed", "callbacks_from_deepspeed", "load_deepspeed_config"]
 
 # Curriculum metrics that DeepSpeed implements as a sequence-length transform of the batch.
@@ -56,19 +59,16 @@ def _section(parent: Mapping[str, Any], key: str, where: str) -> dict[str, Any] 
     value = parent.get(key)
     if value is None:
         return None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where}{key} must be a mapping, got {type(value).__name__}")
-    enabled = value.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise ValueError(f"{where}{key}.enabled must be true or false, got {enabled!r}")
-    return dict(value) if enabled else None
+    return dict(value) if deepspeed_enabled(value, f"{where}{key}") else None
 
 
+_SCHEDULE_KEYS = ("min_difficulty", "max_difficulty", "schedule_type", "schedule_config")
 _SEQLEN_KEYS = {"enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config",
                 "clustering_type", "difficulty_type"}
 
 
 def _seqlen_warmup(metric: Mapping[str, Any], mode: str, where: str, result: "DeepSpeedImport") -> Any:
+    """A DeepSpeed ``seqlen_truncate`` / ``seqlen_reshape`` metric as a :class:`SeqLengthWarmup`."""
     from lightning_dataeff.callbacks import SeqLengthWarmup
 
     for key in metric:
@@ -76,24 +76,16 @@ def _seqlen_warmup(metric: Mapping[str, Any], mode: str, where: str, result: "De
             _ignore(result, f"{where}{key}", "a sequence-length curriculum needs no data analysis")
     if metric.get("difficulty_type", "value") != "value":
         raise ValueError(f"{where}difficulty_type must be 'value' for a sequence-length curriculum")
-    schedule_type = metric.get("schedule_type", "fixed_linear")
-    if schedule_type not in ("fixed_linear", "fixed_root"):
-        raise ValueError(f"{where}schedule_type {schedule_type!r} is not supported for a sequence-length curriculum")
-    cfg = metric.get("schedule_config") or {}
-    for key in ("min_difficulty", "max_difficulty"):
-        if key not in metric:
-            raise ValueError(f"{where}{key} is required")
-    if "total_curriculum_step" not in cfg:
-        raise ValueError(f"{where}schedule_config.total_curriculum_step is required")
-    return SeqLengthWarmup(
-        min_len=metric["min_difficulty"],
-        max_len=metric["max_difficulty"],
-        duration=int(cfg["total_curriculum_step"]),
-        mode=mode,
-        step_size=int(cfg.get("difficulty_step", 8)),
-        schedule_type=schedule_type,
-        root_degree=cfg.get("root_degree", 1),
-    )
+    if metric.get("schedule_type") not in RAMP_TYPES:
+        raise ValueError(f"{where}schedule_type must be one of {RAMP_TYPES}, got {metric.get('schedule_type')!r}")
+    try:
+        sched = build_schedule({k: metric[k] for k in _SCHEDULE_KEYS if k in metric})
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc}") from None
+    assert isinstance(sched, FixedRoot)
+    return SeqLengthWarmup(min_len=sched.min_value, max_len=sched.max_value, duration=sched.total_steps, mode=mode,
+                           step_size=sched.step_size, schedule_type=metric["schedule_type"],
+                           root_degree=sched.root_degree)
 
 
 def _ignore(result: DeepSpeedImport, key: str, why: str) -> None:
@@ -103,7 +95,7 @@ def _ignore(result: DeepSpeedImport, key: str, why: str) -> None:
 
 def import_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedImport:
     """Map a DeepSpeed config onto callbacks; raises ``ValueError`` naming the bad key."""
-    from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD
+    from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLengthWarmup
 
     ds = load_deepspeed_config(config)
     result = DeepSpeedImport()
@@ -156,7 +148,7 @@ def import_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedImport:
             raise ValueError(f"curriculum_learning.curriculum_type {ctype!r} is not supported; allowed: seqlen")
         if any(type(cb).__name__ == "SeqLengthWarmup" for cb in result.callbacks):
             raise ValueError("curriculum_learning (legacy) and a data_efficiency seqlen metric both set a sequence-length curriculum")
-        result.callbacks.append(_seqlen_warmup(legacy, "truncate", "curriculum_learning.", result))
+        result.callbacks.append(SeqLengthWarmup.from_deepspeed(legacy))
     return result
 
 

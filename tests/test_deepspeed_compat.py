@@ -77,7 +77,12 @@ def test_enabled_false_anywhere_on_the_path_disables(off):
     [
         ({"curriculum_learning": {"enabled": True, "curriculum_type": "vocab"}}, "curriculum_type"),
         ({"curriculum_learning": {"enabled": True, "curriculum_type": "seqlen", "min_difficulty": 8,
-                                  "schedule_config": {"total_curriculum_step": 5}}}, "max_difficulty"),
+                                  "schedule_type": "fixed_linear",
+                                  "schedule_config": {"total_curriculum_step": 5, "difficulty_step": 8}}}, "max_difficulty"),
+        ({"data_efficiency": {"enabled": True, "data_sampling": {"enabled": True, "curriculum_learning": {
+            "enabled": True, "curriculum_metrics": {"seqlen_truncate": {
+                "min_difficulty": 8, "max_difficulty": 64, "schedule_type": "fixed_linear",
+                "schedule_config": {"total_curriculum_step": 5}}}}}}}, "difficulty_step"),
         ({"curriculum_learning": {"enabled": "yes"}}, "curriculum_learning.enabled"),
         ({"data_efficiency": {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {"enabled": True}}}},
          "random_ltd_schedule"),
