@@ -3,8 +3,8 @@
 Models: a GPT-2-like decoder (Hugging Face GPT2, 12 layers, d=256, S=512, B=4, vocab 512) and a ViT-like
 encoder (Hugging Face ViT, 12 layers, d=256, 224px / 16px patches = 197 tokens, B=8, CLS always kept).
 random-LTD runs in layers 1..10 (every block but the first and the last). One step = forward, backward and
-an AdamW step (fused implementation by default). For each kept ratio it reports the median step time, its ratio to the unpatched model, the
-median over rounds of the per-round ratio (``paired_ratio``, the most drift-robust), the
+an AdamW step (fused implementation by default). For each kept ratio it reports the median step time, its
+ratio to the unpatched model, the median over rounds of the per-round ratio (``paired_ratio``, the most drift-robust), the
 FLOP-ideal ratio (matmul FLOPs of blocks, attention and head at the kept lengths), that ideal with the
 measured optimizer step added as a fixed cost (``ideal_with_optimizer``), and memory: peak
 allocated memory on CUDA, or on CPU the bytes of activations saved for backward (autograd saved tensors).
