@@ -21,3 +21,13 @@ import pytest
 def _run_in_tmp_dir(tmp_path, monkeypatch):
     """Tests run in their own temporary directory, so nothing (e.g. Lightning's default checkpoints/) lands in the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def recipe_env(tmp_path_factory, monkeypatch):
+    """Recipe tests: a per-session tokenizer cache and one intra-op thread (tiny models run faster without a pool)."""
+    monkeypatch.setenv("LIGHTNING_DATAEFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

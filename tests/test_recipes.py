@@ -15,14 +15,7 @@ from lightning_dataeff.recipes.comparison import _first_reach, _pair_with_refere
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _cache_and_threads(tmp_path_factory, monkeypatch):
-    """A per-session tokenizer cache; one intra-op thread (these tiny models run faster without a thread pool)."""
-    monkeypatch.setenv("LIGHTNING_DATAEFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("recipe_env")
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "vit-tiny", "gpt2-finetune", "vit-finetune"])

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-__all__ = ["check_duration", "resolve_duration"]
+__all__ = ["check_duration", "resolve_duration", "RampLength"]
 
 
 def check_duration(duration: Any, name: str = "duration") -> int | float:
@@ -37,3 +37,18 @@ def resolve_duration(duration: int | float, trainer: "pl.Trainer | None", name: 
             "(set max_steps or use a sized dataloader, or give the duration as an integer number of steps)"
         )
     return max(1, round(duration * total))
+
+
+class RampLength:
+    """Mixin for callbacks whose length ramp lives in ``self._ramp`` (a :class:`~lightning_dataeff.schedules.LengthRamp`)."""
+
+    _ramp: Any
+
+    @property
+    def total_steps(self) -> int | None:
+        """Ramp length in optimizer steps (None until a fractional duration is resolved at train start)."""
+        return self._ramp.total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        self._ramp.total_steps = value

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_dataeff._deepspeed_keys import deepspeed_enabled
 from lightning_dataeff._validation import check_int
-from lightning_dataeff.callbacks._common import check_duration, resolve_duration
+from lightning_dataeff.callbacks._common import RampLength, check_duration, resolve_duration
 from lightning_dataeff.random_ltd import (
     LayerTokenLRScheduler,
     RandomLTDState,
@@ -30,7 +30,7 @@ def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
     return type(pl_module).configure_model is not pl.LightningModule.configure_model
 
 
-class RandomLTD(Callback):
+class RandomLTD(RampLength, Callback):
     """Random layerwise token dropping (Yao et al., 2022) on an unmodified transformer.
 
     At ``setup("fit")`` the registered transformer blocks of the LightningModule are patched in place
@@ -174,15 +174,6 @@ class RandomLTD(Callback):
     def state(self) -> RandomLTDState | None:
         """The :class:`RandomLTDState` of the patched model (None before setup)."""
         return self._state
-
-    @property
-    def total_steps(self) -> int | None:
-        """Ramp length in optimizer steps (None until a fractional duration is resolved at train start)."""
-        return self._ramp.total_steps
-
-    @total_steps.setter
-    def total_steps(self, value: int | None) -> None:
-        self._ramp.total_steps = value
 
     def kept_tokens(self, step: int, seq_len: int) -> int:
         """Kept tokens at optimizer ``step`` for batches of ``seq_len`` tokens.

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_dataeff._deepspeed_keys import deepspeed_enabled
 from lightning_dataeff._validation import check_int
-from lightning_dataeff.callbacks._common import check_duration, resolve_duration
+from lightning_dataeff.callbacks._common import RampLength, check_duration, resolve_duration
 from lightning_dataeff.curriculum.seqlen import SEQLEN_MODES, batch_sequence_length, set_batch_sequence_length
 from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, LengthRamp, build_schedule
 
@@ -20,7 +20,7 @@ __all__ = ["SeqLengthWarmup", "resolve_duration"]
 _LEGACY_KEYS = ("enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config")
 
 
-class SeqLengthWarmup(Callback):
+class SeqLengthWarmup(RampLength, Callback):
     """Train on short sequences first: cut each training batch to a length that grows per optimizer step.
 
     Args:
@@ -66,15 +66,6 @@ class SeqLengthWarmup(Callback):
         self.duration = check_duration(duration)
         self.step_size, self.root_degree, self.keys = step_size, root_degree, keys
         self.current_seq_len: int | None = None
-
-    @property
-    def total_steps(self) -> int | None:
-        """Ramp length in optimizer steps (None until a fractional duration is resolved at train start)."""
-        return self._ramp.total_steps
-
-    @total_steps.setter
-    def total_steps(self, value: int | None) -> None:
-        self._ramp.total_steps = value
 
     @classmethod
     def from_deepspeed(cls, section: Mapping[str, Any]) -> "SeqLengthWarmup | None":

@@ -183,7 +183,29 @@ class _Encoder:
         return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-class TextDataModule(L.LightningDataModule):
+class _RecipeDataModule(L.LightningDataModule):
+    """Loaders shared by the recipe datamodules: a step-indexed train sampler, a plain val loader."""
+
+    train_set: Dataset
+    val_set: Dataset
+    batch_size: int
+    val_batch_size: int
+    num_workers: int
+    seed: int
+
+    def train_dataloader(self) -> DataLoader:
+        return _train_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+
+    def analysis_dataset(self) -> Dataset:
+        """The training set as the curriculum analyzer sees it."""
+        self.setup()
+        return self.train_set
+
+
+class TextDataModule(_RecipeDataModule):
     """Token blocks of ``seq_len`` from prose; batches are ``{"input_ids": LongTensor[B, seq_len]}``."""
 
     def __init__(
@@ -235,16 +257,6 @@ class TextDataModule(L.LightningDataModule):
             val = val[: self.max_val_samples]
         self.train_set, self.val_set = TokenBlocks(train), TokenBlocks(val)
 
-    def train_dataloader(self) -> DataLoader:
-        return _train_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
-
-    def analysis_dataset(self) -> Dataset:
-        """The training set as the curriculum analyzer sees it (``input_ids`` per sample)."""
-        self.setup()
-        return self.train_set
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -286,7 +298,7 @@ def _subset(load: Callable[[int], tuple[Any, int]], idx: Sequence[int]) -> Calla
     return lambda i: load(idx[i])
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(_RecipeDataModule):
     """Labelled images resized to ``image_size``; batches are ``{"pixel_values", "labels"}``."""
 
     def __init__(
@@ -366,12 +378,3 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = _Images(n, load, self.image_size, self.num_channels)
         self.val_set = _Images(n_val, val_load, self.image_size, self.num_channels)
 
-    def train_dataloader(self) -> DataLoader:
-        return _train_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
-
-    def analysis_dataset(self) -> Dataset:
-        self.setup()
-        return self.train_set
