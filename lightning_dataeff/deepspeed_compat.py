@@ -71,9 +71,7 @@ def _seqlen_warmup(metric: Mapping[str, Any], mode: str, where: str, result: "De
     """A DeepSpeed ``seqlen_truncate`` / ``seqlen_reshape`` metric as a :class:`SeqLengthWarmup`."""
     from lightning_dataeff.callbacks import SeqLengthWarmup
 
-    for key in metric:
-        if key not in _SEQLEN_KEYS:
-            _ignore(result, f"{where}{key}", "a sequence-length curriculum needs no data analysis")
+    _ignore_unknown(result, metric, _SEQLEN_KEYS, where, "a sequence-length curriculum needs no data analysis")
     if metric.get("difficulty_type", "value") != "value":
         raise ValueError(f"{where}difficulty_type must be 'value' for a sequence-length curriculum")
     if metric.get("schedule_type") not in RAMP_TYPES:
@@ -93,29 +91,32 @@ def _ignore(result: DeepSpeedImport, key: str, why: str) -> None:
     warnings.warn(f"DeepSpeed config key '{key}' ignored: {why}", stacklevel=3)
 
 
+def _ignore_unknown(result: DeepSpeedImport, section: Mapping[str, Any], known: Any, where: str, why: str) -> None:
+    """Warn about (and record) every key of ``section`` outside ``known``."""
+    for key in section:
+        if key not in known:
+            _ignore(result, f"{where}{key}", why)
+
+
 def import_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedImport:
     """Map a DeepSpeed config onto callbacks; raises ``ValueError`` naming the bad key."""
     from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLengthWarmup
 
     ds = load_deepspeed_config(config)
     result = DeepSpeedImport()
-    for key in ds:
-        if key not in _DATA_EFFICIENCY_KEYS:
-            _ignore(result, key, "engine settings belong in the recipe / Trainer")
+    _ignore_unknown(result, ds, _DATA_EFFICIENCY_KEYS, "", "engine settings belong in the recipe / Trainer")
 
     de = _section(ds, "data_efficiency", "")
     if ds.get("data_efficiency") is not None and de is None:
         _ignore(result, "data_efficiency", "enabled is false")
     if de is not None:
         seed = de.get("seed", 1234)
-        for key in de:
-            if key not in ("enabled", "seed", "data_sampling", "data_routing"):
-                _ignore(result, f"data_efficiency.{key}", "not a data-efficiency setting we use")
+        _ignore_unknown(result, de, ("enabled", "seed", "data_sampling", "data_routing"), "data_efficiency.",
+                        "not a data-efficiency setting we use")
         sampling = _section(de, "data_sampling", "data_efficiency.")
         if sampling is not None:
-            for key in sampling:
-                if key not in ("enabled", "curriculum_learning"):
-                    _ignore(result, f"data_efficiency.data_sampling.{key}", "set data loading in the recipe")
+            _ignore_unknown(result, sampling, ("enabled", "curriculum_learning"), "data_efficiency.data_sampling.",
+                            "set data loading in the recipe")
             cl = _section(sampling, "curriculum_learning", "data_efficiency.data_sampling.")
             if cl is not None:
                 metrics = dict(cl.get("curriculum_metrics") or {})
@@ -128,16 +129,13 @@ def import_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedImport:
                     result.callbacks.append(CurriculumLearning.from_deepspeed({**section, "seed": seed}))
         routing = _section(de, "data_routing", "data_efficiency.")
         if routing is not None:
-            for key in routing:
-                if key not in ("enabled", "random_ltd"):
-                    _ignore(result, f"data_efficiency.data_routing.{key}", "only random_ltd routing is implemented")
+            _ignore_unknown(result, routing, ("enabled", "random_ltd"), "data_efficiency.data_routing.",
+                            "only random_ltd routing is implemented")
             ltd = _section(routing, "random_ltd", "data_efficiency.data_routing.")
             if ltd is not None:
                 lr = ltd.pop("layer_token_lr_schedule", None) or {}  # mapped here, not by RandomLTD
                 result.layer_token_lr_schedule = bool(lr.get("enabled", False))
-                for key in lr:
-                    if key != "enabled":
-                        _ignore(result, f"data_efficiency.data_routing.random_ltd.layer_token_lr_schedule.{key}",
+                _ignore_unknown(result, lr, ("enabled",), "data_efficiency.data_routing.random_ltd.layer_token_lr_schedule.",
                                 "the total comes from budget.max_layer_tokens")
                 result.callbacks.append(RandomLTD.from_deepspeed(ltd))
 
