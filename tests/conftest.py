@@ -5,16 +5,13 @@ TRITON_INTERPRET must be set before any module that defines ``@triton.jit`` kern
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-import pytest
 
 
 @pytest.fixture(autouse=True)
