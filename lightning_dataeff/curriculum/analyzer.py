@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from lightning_dataeff._validation import check_int
 from lightning_dataeff.curriculum.metrics import (
     chunk_tokens,
     dataset_fingerprint,
@@ -94,10 +95,10 @@ def analyze(
     specs = resolve_metrics(metrics)
     n = _check_dataset(dataset)
     workers = _check_workers(num_workers)
-    chunk_size = _check_pos_int("chunk_size", chunk_size)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
     sharded = shard_id is not None or num_shards is not None
     if sharded:
-        num_shards = _check_pos_int("num_shards", num_shards)
+        num_shards = check_int("num_shards", num_shards, 1)
         if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id must be an integer in [0, num_shards={num_shards}), got {shard_id!r}")
         if overwrite:
@@ -114,8 +115,8 @@ def analyze(
         "metrics": {k: (v if isinstance(v, str) else _callable_name(v)) for k, v in specs.items()},
         "vocab_counts_sha": None if counts is None else _sha(counts),
     }
-    if not sharded and not overwrite and _complete(out, meta):
-        return load_analysis(out, dataset, metrics=list(specs))
+    if not sharded and not overwrite and _complete(out, meta):  # headers hold this dataset's fingerprint
+        return load_analysis(out, metrics=list(specs))
     work = os.path.join(out, _WORK)
     _prepare_work(work, meta, overwrite)
     if counts is not None:
@@ -291,12 +292,6 @@ def _check_dataset(dataset: Any) -> int:
     if n == 0:
         raise ValueError("dataset is empty")
     return n
-
-
-def _check_pos_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _check_workers(num_workers: int | None) -> int:
@@ -498,18 +493,19 @@ def _map_chunk(i: int) -> int:
     toks: list[np.ndarray] = []
     lens: list[np.ndarray] = []
     values: dict[str, list[np.ndarray]] = {name: [] for name in user}
+    need_seqlen, need_rarity = _needs_seqlen(specs), _needs_rarity(specs)
     for a, items in _chunk_blocks(i):
-        if _needs_seqlen(specs):
+        if need_seqlen:
             t, n = chunk_tokens(items, meta["pad_token_id"])
             lens.append(n)
-            if _needs_rarity(specs):  # seqlen alone needs only the counts
+            if need_rarity:  # seqlen alone needs only the counts
                 toks.append(_compact(t, a, len(items)))
         for name, fn in user.items():
             values[name].append(user_values(fn, name, items, a))
     arrays: dict[str, np.ndarray] = {name: _concat(v) for name, v in values.items()}
-    if _needs_seqlen(specs):
+    if need_seqlen:
         arrays["_seqlen"] = _concat(lens)
-        if _needs_rarity(specs):
+        if need_rarity:
             cat = _concat(toks)
             c = np.bincount(cat)  # also the largest id: len(c) - 1
             if meta["vocab_counts_sha"] is None:
