@@ -51,8 +51,8 @@ class CurriculumLearning(Callback):
         analysis_dir: str | os.PathLike | None = None,
     ) -> None:
         self.rules = parse_metric_rules(metrics)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if seed is not None:
+            seed = check_int("seed", seed, 0)
         if analysis_dir is not None and not os.path.isdir(analysis_dir):
             raise ValueError(f"analysis_dir {os.fspath(analysis_dir)!r} is not a directory; run analyze() first")
         self.seed = seed
@@ -109,11 +109,7 @@ class CurriculumLearning(Callback):
         metrics = section.get("curriculum_metrics") or {}
         if not isinstance(metrics, Mapping):
             raise ValueError(f"{where}.curriculum_metrics must be a mapping, got {type(metrics).__name__}")
-        return cls(
-            {name: cfg for name, cfg in metrics.items()} or None,
-            seed=seed,
-            analysis_dir=analysis_dir,
-        )
+        return cls(dict(metrics) or None, seed=seed, analysis_dir=analysis_dir)
 
     # ------------------------------------------------------------------ Lightning hooks
 
