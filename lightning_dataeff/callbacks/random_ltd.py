@@ -90,9 +90,7 @@ class RandomLTD(RampLength, Callback):
             raise ValueError(
                 f"min_tokens ({min_tokens}) must be >= the number of keep_positions ({len(self.keep_positions)})"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed)
         self.block_types = None if block_types is None else tuple(block_types)
         self.expected_num_layers: int | None = None
         self._state: RandomLTDState | None = None

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from lightning_dataeff._validation import check_int
+
 from .blocks import BlockAdapter, find_blocks, supported_block_names
 from .state import RandomLTDState
 
@@ -249,8 +251,7 @@ def apply_random_ltd(
         raise TypeError(f"apply_random_ltd: model must be an nn.Module, got {type(model).__name__}")
     if _ROOT_ATTR in model.__dict__:
         raise ValueError("apply_random_ltd: random-LTD is already applied to this model; call remove_random_ltd first")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = check_int("seed", seed)
     if keep_positions is not None:
         keep_positions = _check_keep_positions(keep_positions)
     blocks = find_blocks(model, block_types)

@@ -11,6 +11,8 @@ import torch.distributed as dist
 from lightning_dataeff._validation import check_int
 from triton_kernels import sample_token_indices
 
+from .accounting import count_layer_tokens
+
 __all__ = ["RandomLTDState"]
 
 
@@ -95,8 +97,7 @@ class RandomLTDState:
 
     @step.setter
     def step(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"step must be a non-negative integer, got {value!r}")
+        value = check_int("step", value, 0)
         if value != self._step:
             self._step = value
             self._forward_in_step = -1
@@ -107,9 +108,8 @@ class RandomLTDState:
         self._forward_in_step += 1
         self._fresh = True
         kept = self.kept_for(seq_len)
-        n = len(self.layers)
         self.consumed_tokens += batch_size * seq_len
-        self.consumed_layer_tokens += batch_size * (seq_len * (self.num_layers - n) + kept * n)
+        self.consumed_layer_tokens += count_layer_tokens(seq_len, kept, self.num_layers, len(self.layers), batch_size)
         self.last_kept_tokens = kept
         self.last_seq_len = seq_len
 
