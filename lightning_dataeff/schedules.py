@@ -63,6 +63,17 @@ def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     return check_int(name, value, minimum, allow_float=True)
 
 
+def _check_root_degree(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
+def _round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
 def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValueError(f"step must be an integer, got {step!r}")
@@ -95,15 +106,10 @@ class FixedRoot(Schedule):
             )
         _check_int("total_steps", self.total_steps, minimum=1)
         _check_int("step_size", self.step_size, minimum=1)
-        if isinstance(self.root_degree, bool) or not isinstance(self.root_degree, (int, float)) or not (
-            self.root_degree > 0 and math.isfinite(self.root_degree)
-        ):
-            raise ValueError(f"root_degree must be a positive number, got {self.root_degree!r}")
+        _check_root_degree("root_degree", self.root_degree)
 
     def _floor_value(self) -> int:
-        # Smallest multiple of step_size >= min_value, capped at max_value.
-        m = -(-self.min_value // self.step_size) * self.step_size
-        return min(m, self.max_value)
+        return min(_round_up(self.min_value, self.step_size), self.max_value)
 
     def __call__(self, step: int) -> int:
         step = _check_step(step)
@@ -300,9 +306,7 @@ def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int]
     )
     root = 1
     if stype == "fixed_root":
-        root = need("root_degree", sc, "schedule_config.")
-        if isinstance(root, bool) or not isinstance(root, (int, float)) or root <= 0:
-            raise ValueError(f"schedule_config.root_degree must be a positive number, got {root!r}")
+        root = _check_root_degree("schedule_config.root_degree", need("root_degree", sc, "schedule_config."))
     return FixedRoot(lo, hi, total, step_size, root)
 
 
@@ -345,8 +349,7 @@ class LengthRamp:
         self.step_size = check_int(n["step_size"], step_size, 1)
         if self.max_value is not None and self.min_value > self.max_value:
             raise ValueError(f"{n['min_value']} ({min_value}) must be <= {n['max_value']} ({max_value})")
-        FixedRoot(1, 1, 1, 1, root_degree)  # validates root_degree
-        self.root_degree = root_degree
+        self.root_degree = _check_root_degree("root_degree", root_degree)
         if self.max_value is not None and self._collapses(self.max_value):
             raise ValueError(
                 f"{n['step_size']} ({step_size}) is too large for {n['max_value']} ({max_value}): lengths are "
@@ -367,7 +370,7 @@ class LengthRamp:
 
     def _collapses(self, end: int) -> bool:
         lo = min(self.min_value, end)
-        return lo < end and -(-lo // self.step_size) * self.step_size >= end
+        return lo < end and _round_up(lo, self.step_size) >= end
 
     def __call__(self, step: int, length: int) -> int:
         end = length if self.max_value is None else self.max_value
