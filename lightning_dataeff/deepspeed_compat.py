@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lightning_dataeff._deepspeed_keys import deepspeed_enabled
-from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, build_schedule
 
 __all__ = ["DeepSpeedImport", "import_deepspeed", "callbacks_from_deepspeed", "load_deepspeed_config"]
 
@@ -62,7 +61,6 @@ def _section(parent: Mapping[str, Any], key: str, where: str) -> dict[str, Any] 
     return dict(value) if deepspeed_enabled(value, f"{where}{key}") else None
 
 
-_SCHEDULE_KEYS = ("min_difficulty", "max_difficulty", "schedule_type", "schedule_config")
 _SEQLEN_KEYS = {"enabled", "curriculum_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config",
                 "clustering_type", "difficulty_type"}
 
@@ -74,16 +72,7 @@ def _seqlen_warmup(metric: Mapping[str, Any], mode: str, where: str, result: "De
     _ignore_unknown(result, metric, _SEQLEN_KEYS, where, "a sequence-length curriculum needs no data analysis")
     if metric.get("difficulty_type", "value") != "value":
         raise ValueError(f"{where}difficulty_type must be 'value' for a sequence-length curriculum")
-    if metric.get("schedule_type") not in RAMP_TYPES:
-        raise ValueError(f"{where}schedule_type must be one of {RAMP_TYPES}, got {metric.get('schedule_type')!r}")
-    try:
-        sched = build_schedule({k: metric[k] for k in _SCHEDULE_KEYS if k in metric})
-    except ValueError as exc:
-        raise ValueError(f"{where}{exc}") from None
-    assert isinstance(sched, FixedRoot)
-    return SeqLengthWarmup(min_len=sched.min_value, max_len=sched.max_value, duration=sched.total_steps, mode=mode,
-                           step_size=sched.step_size, schedule_type=metric["schedule_type"],
-                           root_degree=sched.root_degree)
+    return SeqLengthWarmup._from_deepspeed_schedule(metric, mode, where.rstrip("."))
 
 
 def _ignore(result: DeepSpeedImport, key: str, why: str) -> None:

@@ -92,6 +92,12 @@ class SeqLengthWarmup(RampLength, Callback):
             raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_LEGACY_KEYS)}")
         if section.get("curriculum_type") != "seqlen":
             raise ValueError(f"{where}.curriculum_type must be 'seqlen', got {section.get('curriculum_type')!r}")
+        return cls._from_deepspeed_schedule(section, "truncate", where)
+
+    @classmethod
+    def _from_deepspeed_schedule(cls, section: Mapping[str, Any], mode: str, where: str) -> "SeqLengthWarmup":
+        """A warmup from a DeepSpeed section's ``min_difficulty``, ``max_difficulty``, ``schedule_type``
+        (a ramp) and ``schedule_config``; errors are prefixed with ``where``."""
         if section.get("schedule_type") not in RAMP_TYPES:
             raise ValueError(f"{where}.schedule_type must be one of {RAMP_TYPES}, got {section.get('schedule_type')!r}")
         try:
@@ -99,7 +105,7 @@ class SeqLengthWarmup(RampLength, Callback):
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         assert isinstance(sched, FixedRoot)
-        return cls(min_len=sched.min_value, max_len=sched.max_value, duration=sched.total_steps, mode="truncate",
+        return cls(min_len=sched.min_value, max_len=sched.max_value, duration=sched.total_steps, mode=mode,
                    step_size=sched.step_size, schedule_type=section["schedule_type"], root_degree=sched.root_degree)
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
