@@ -127,9 +127,9 @@ def build_callbacks(recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback
         if type(cb) in kinds:
             warnings.warn(f"{type(cb).__name__} from the recipe is replaced by the DeepSpeed config's", stacklevel=2)
     callbacks = [cb for cb in callbacks if type(cb) not in kinds] + imported
-    keep = {"baseline": set(), "curriculum": {"curriculum"}, "random_ltd": {"random_ltd"}, "both": {"curriculum", "random_ltd"}}
-    allowed = keep[recipe.variant]
-    callbacks = [cb for cb in callbacks if method_of(cb) is None or method_of(cb) in allowed]
+    keep = {"baseline": (None,), "curriculum": (None, "curriculum"), "random_ltd": (None, "random_ltd"),
+            "both": (None, "curriculum", "random_ltd")}[recipe.variant]
+    callbacks = [cb for cb in callbacks if method_of(cb) in keep]
     if not any(isinstance(cb, CurriculumLearning) for cb in callbacks):
         callbacks.insert(0, CurriculumLearning(seed=recipe.seed))
     return callbacks
@@ -238,18 +238,18 @@ def fit(
         "task": recipe.task,
         **csv_cb.summary(),
         "budget": {"max_layer_tokens": recipe.budget.max_layer_tokens, "max_tokens": recipe.budget.max_tokens},
-        "stopped_by_budget": bool(budget_reached(budget, recipe)),
+        "stopped_by_budget": _budget_reached(budget),
     }
     if trainer.is_global_zero:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def budget_reached(budget: Any, recipe: RecipeConfig) -> bool:
-    b = recipe.budget
+def _budget_reached(budget: Any) -> bool:
+    """Whether the run's ``TokenBudget`` reached one of its limits."""
     return bool(
-        (b.max_layer_tokens is not None and budget.consumed_layer_tokens >= b.max_layer_tokens)
-        or (b.max_tokens is not None and budget.consumed_tokens >= b.max_tokens)
+        (budget.max_layer_tokens is not None and budget.consumed_layer_tokens >= budget.max_layer_tokens)
+        or (budget.max_tokens is not None and budget.consumed_tokens >= budget.max_tokens)
     )
 
 
