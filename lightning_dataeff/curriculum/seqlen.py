@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
+from lightning_dataeff._validation import check_int
+
 __all__ = ["set_batch_sequence_length", "batch_sequence_length", "SEQLEN_MODES"]
 
 SEQLEN_MODES = ("truncate", "reshape")
@@ -95,8 +97,7 @@ def set_batch_sequence_length(
     """
     if mode not in SEQLEN_MODES:
         raise ValueError(f"mode must be one of {SEQLEN_MODES}, got {mode!r}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    seq_len = check_int("seq_len", seq_len, 1)
     if not isinstance(batch, MutableMapping):
         raise TypeError(
             f"set_batch_sequence_length needs a dict or BatchEncoding batch, got {type(batch).__name__}. "
