@@ -19,7 +19,7 @@ from lightning_dataeff.random_ltd import (
     find_blocks,
     remove_random_ltd,
 )
-from lightning_dataeff.random_ltd.apply import _check_keep_positions, _hidden_args, _in_backward, random_ltd_state
+from lightning_dataeff.random_ltd.apply import _check_keep_positions, _FirstBlockHook, random_ltd_state
 from lightning_dataeff.random_ltd.blocks import supported_block_names
 from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, LengthRamp, build_schedule
 
@@ -389,15 +389,12 @@ class TokenBudget(Callback):
             )
         layers = self.num_layers or len(blocks)
         _, first, adapter = blocks[0]
-        base = type(first)
 
-        def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if module.training and not _in_backward():
-                x = adapter.hidden(module, _hidden_args(base, module, args, kwargs))
-                self._local[0] += x.shape[0] * x.shape[1]
-                self._local[1] += x.shape[0] * x.shape[1] * layers
+        def count(batch_size: int, seq_len: int) -> None:
+            self._local[0] += batch_size * seq_len
+            self._local[1] += batch_size * seq_len * layers
 
-        self._hook = first.register_forward_pre_hook(count, with_kwargs=True)
+        self._hook = first.register_forward_pre_hook(_FirstBlockHook(count, adapter, type(first)), with_kwargs=True)
 
 
 def _should_log(trainer: pl.Trainer) -> bool:

@@ -8,6 +8,8 @@ from typing import Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_dataeff._validation import check_int
+
 __all__ = ["count_layer_tokens", "LayerTokenLRScheduler"]
 
 _DECAYS = ("cosine", "linear", "constant")
@@ -54,8 +56,7 @@ class LayerTokenLRScheduler(LRScheduler):
         counter: Callable[[], int],
         last_epoch: int = -1,
     ) -> None:
-        if isinstance(total_layer_tokens, bool) or not isinstance(total_layer_tokens, int) or total_layer_tokens < 1:
-            raise ValueError(f"total_layer_tokens must be a positive integer, got {total_layer_tokens!r}")
+        total_layer_tokens = check_int("total_layer_tokens", total_layer_tokens, 1)
         if (
             isinstance(warmup_layer_tokens, bool)
             or not isinstance(warmup_layer_tokens, int)

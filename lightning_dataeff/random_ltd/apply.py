@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -168,19 +168,21 @@ def _ltd_class(cls: type) -> type:
 
 @dataclass
 class _FirstBlockHook:
-    """Forward pre-hook on the first block: a training forward starts (not a recomputation in backward).
+    """Forward pre-hook on the first block: calls ``on_start(batch_size, seq_len)`` when a training forward
+    starts (not a recomputation in backward).
 
-    An object rather than a closure so that ``copy.deepcopy(model)`` gives the copy its own state.
+    An object rather than a closure so that ``copy.deepcopy(model)`` gives the copy its own state
+    (``on_start`` is a bound method, copied with its object).
     """
 
-    state: RandomLTDState
+    on_start: Callable[[int, int], None]
     adapter: BlockAdapter
     base: type
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module.training and not _in_backward():
             x = self.adapter.hidden(module, _hidden_args(self.base, module, args, kwargs))
-            self.state.begin_forward(x.shape[0], x.shape[1])
+            self.on_start(x.shape[0], x.shape[1])
 
 
 def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
@@ -277,7 +279,7 @@ def apply_random_ltd(
         patched.append(module)
     _, first, first_adapter = blocks[0]
     base = first.__dict__[_ATTR].base if _ATTR in first.__dict__ else type(first)
-    hook = first.register_forward_pre_hook(_FirstBlockHook(state, first_adapter, base), with_kwargs=True)
+    hook = first.register_forward_pre_hook(_FirstBlockHook(state.begin_forward, first_adapter, base), with_kwargs=True)
     model.__dict__[_ROOT_ATTR] = _Applied(state, [b[1] for b in blocks], patched, hook)
     return state
 
