@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_dataeff.recipes.config import HubUnavailableError, RecipeError
+from lightning_dataeff.recipes.config import HubUnavailableError, RecipeError, _one_line
 
 __all__ = ["TextDataModule", "ImageDataModule", "cache_root", "hub_call", "OFFLINE_RECIPES"]
 
@@ -43,7 +43,7 @@ def hub_call(what: str, fn: Callable[[], Any], offline_recipe: str) -> Any:
             f"install them with pip install 'lightning-dataeff[hf]', or use the offline recipe {offline_recipe}"
         ) from None
     except Exception as exc:  # network errors differ across datasets/huggingface_hub versions
-        first = " ".join(str(exc).split())[:200]
+        first = _one_line(exc)[:200]
         raise HubUnavailableError(
             f"could not load {what} from the Hugging Face Hub ({type(exc).__name__}: {first}); this recipe needs "
             f"internet access (nothing is substituted), for an offline run use {offline_recipe}"

@@ -15,7 +15,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from lightning_dataeff.recipes.config import OptimConfig, RecipeError
+from lightning_dataeff.recipes.config import OptimConfig, RecipeError, _one_line
 from lightning_dataeff.recipes.data import OFFLINE_RECIPES, hub_call
 
 __all__ = ["RecipeModule", "CausalLMModule", "ImageClassifierModule", "build_hf_model", "count_blocks"]
@@ -37,7 +37,7 @@ def build_hf_model(task: str, pretrained: str | None, config: dict[str, Any], **
     try:
         hf_config = cfg_cls(**{**defaults, **config})
     except (TypeError, ValueError) as exc:
-        raise RecipeError(f"invalid value for 'model.config': {' '.join(str(exc).split())}") from None
+        raise RecipeError(f"invalid value for 'model.config': {_one_line(exc)}") from None
     return cls(hf_config)
 
 

@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 
-from lightning_dataeff.recipes.config import CallbackSpec, RecipeConfig, RecipeError, import_class
+from lightning_dataeff.recipes.config import CallbackSpec, RecipeConfig, RecipeError, _one_line, import_class
 from lightning_dataeff.recipes.data import ImageDataModule, TextDataModule
 from lightning_dataeff.recipes.metrics import MetricsCSV
 from lightning_dataeff.recipes.models import (
@@ -99,7 +99,7 @@ def _instantiate(spec: CallbackSpec, key: str, seed: int) -> Callback:
     try:
         return cls(**args)
     except (TypeError, ValueError) as exc:
-        raise RecipeError(f"invalid value for '{key}.init_args': {' '.join(str(exc).split())}") from None
+        raise RecipeError(f"invalid value for '{key}.init_args': {_one_line(exc)}") from None
 
 
 def _import_deepspeed(path: str) -> Any:
@@ -108,7 +108,7 @@ def _import_deepspeed(path: str) -> Any:
     try:
         return import_deepspeed(path)
     except ValueError as exc:
-        raise RecipeError(f"invalid DeepSpeed config {path}: {' '.join(str(exc).split())}") from None
+        raise RecipeError(f"invalid DeepSpeed config {path}: {_one_line(exc)}") from None
 
 
 def build_callbacks(recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback] = ()) -> list[Callback]:
@@ -166,7 +166,7 @@ def _trainer(recipe: RecipeConfig, out: Path, callbacks: list[Callback]) -> L.Tr
     except RecipeError:
         raise
     except Exception as exc:  # Lightning's MisconfigurationException, TypeError, ValueError
-        raise RecipeError(f"invalid value in 'trainer': {' '.join(str(exc).split())}") from None
+        raise RecipeError(f"invalid value in 'trainer': {_one_line(exc)}") from None
 
 
 def fit(
