@@ -32,6 +32,7 @@ import numpy as np
 
 from lightning_dataeff._validation import check_int
 from lightning_dataeff.curriculum.metrics import (
+    BUILTIN_METRICS,
     chunk_tokens,
     dataset_fingerprint,
     lexicographic_seqlen_rarity,
@@ -172,9 +173,7 @@ def merge_analysis(
             f"merge_analysis: {len(missing)} of {num_chunks} chunks are missing in {work!r} (first: {missing[:8]}); "
             "run every shard job (shard_id=0..num_shards-1) before merging"
         )
-    specs = {}
-    for name, spec in meta["metrics"].items():
-        specs[name] = spec if spec in ("seqlen", "vocab_rarity", "seqlen_vocab_rarity") else None
+    specs = {name: spec if spec in BUILTIN_METRICS else None for name, spec in meta["metrics"].items()}
     _JOB.update(dataset=dataset, specs=specs, meta=meta, work=work, neglogp=None)
     try:
         with _Workers(_check_workers(num_workers)) as pool:
@@ -297,9 +296,7 @@ def _check_dataset(dataset: Any) -> int:
 def _check_workers(num_workers: int | None) -> int:
     if num_workers is None:
         return os.cpu_count() or 1
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-    return max(num_workers, 1)
+    return max(check_int("num_workers", num_workers, 0), 1)
 
 
 def _check_vocab_counts(vocab_counts: Any) -> np.ndarray | None:
