@@ -7,6 +7,7 @@ them), runs the original ``forward`` on them and scatters the result back. Dropp
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -24,7 +25,6 @@ __all__ = ["apply_random_ltd", "remove_random_ltd", "random_ltd_state", "resolve
 _ATTR = "_random_ltd"  # per-block _BlockInfo, stored in the instance __dict__ (never a parameter or buffer)
 _ROOT_ATTR = "_random_ltd_applied"  # on the model passed to apply_random_ltd
 _CLASS_CACHE: dict[type, type] = {}
-_SIGNATURES: dict[type, inspect.Signature] = {}
 
 
 @dataclass
@@ -48,11 +48,9 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+@functools.cache
 def _signature(cls: type) -> inspect.Signature:
-    sig = _SIGNATURES.get(cls)
-    if sig is None:
-        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
-    return sig
+    return inspect.signature(cls.forward)
 
 
 @dataclass(frozen=True)
@@ -64,18 +62,13 @@ class _CallSpec:
     varargs: bool  # has ``*args``: calls are bound with inspect (slow path)
 
 
-_SPECS: dict[type, _CallSpec] = {}
-
-
+@functools.cache
 def _spec(cls: type) -> _CallSpec:
-    spec = _SPECS.get(cls)
-    if spec is None:
-        params = list(_signature(cls).parameters.values())[1:]  # drop self
-        P = inspect.Parameter
-        names = tuple(p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD))
-        posonly = sum(p.kind is P.POSITIONAL_ONLY for p in params)
-        spec = _SPECS[cls] = _CallSpec(names, posonly, any(p.kind is P.VAR_POSITIONAL for p in params))
-    return spec
+    params = list(_signature(cls).parameters.values())[1:]  # drop self
+    P = inspect.Parameter
+    names = tuple(p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD))
+    posonly = sum(p.kind is P.POSITIONAL_ONLY for p in params)
+    return _CallSpec(names, posonly, any(p.kind is P.VAR_POSITIONAL for p in params))
 
 
 def _flatten(cls: type, args: tuple, kwargs: dict) -> dict[str, Any] | None:
