@@ -21,7 +21,6 @@ This module imports nothing else from the project but ``lightning_dataeff._valid
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -74,14 +73,6 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise ValueError(f"step must be an integer, got {step!r}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return int(step)
-
-
 @dataclass(frozen=True)
 class FixedRoot(Schedule):
     """DeepSpeed's ``fixed_root`` pacing (``fixed_linear`` is ``root_degree=1``).
@@ -112,7 +103,7 @@ class FixedRoot(Schedule):
         return min(_round_up(self.min_value, self.step_size), self.max_value)
 
     def __call__(self, step: int) -> int:
-        step = _check_step(step)
+        step = check_int("step", step, 0)
         if step >= self.total_steps:
             return int(self.max_value)
         frac = (float(step) / self.total_steps) ** (1.0 / self.root_degree)
@@ -170,7 +161,7 @@ class FixedDiscrete(Schedule):
         return max(self.difficulty)
 
     def __call__(self, step: int) -> int:
-        step = _check_step(step)
+        step = check_int("step", step, 0)
         for d, s in zip(self.difficulty, self.max_step):
             if step <= s:
                 return d
@@ -198,7 +189,7 @@ class CustomSchedule(Schedule):
         self.total_steps = total_steps
 
     def __call__(self, step: int) -> int:
-        step = _check_step(step)
+        step = check_int("step", step, 0)
         value = self.fn(step)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
             raise ValueError(f"custom schedule returned {value!r} at step {step}; expected an integer")
