@@ -92,8 +92,14 @@ def run_ours(corpus: str, workers: int, out: str) -> dict:
     res = analyze(ds, ["seqlen", "vocab_rarity"], out, num_workers=workers, progress=False)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     files, size = dir_stats(out)
-    return {"seconds": seconds, "cpu_seconds": cpu, "files": files, "bytes": size,
-            "seqlen": np.asarray(res["seqlen"].sample_to_metric), "rarity": np.asarray(res["vocab_rarity"].sample_to_metric)}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "files": files,
+        "bytes": size,
+        "seqlen": np.asarray(res["seqlen"].sample_to_metric),
+        "rarity": np.asarray(res["vocab_rarity"].sample_to_metric),
+    }
 
 
 def deepspeed_worker(corpus: str, workers: int, out: str) -> None:
@@ -114,9 +120,15 @@ def deepspeed_worker(corpus: str, workers: int, out: str) -> None:
 
     c0, t0 = cpu_seconds(), time.perf_counter()
     freq_dir = os.path.join(out, "freq")
-    a = DataAnalyzer(ds, metric_names=["vocab_freq"], metric_functions=[vocab_freq],
-                     metric_types=["accumulate_value_over_samples"], metric_dtypes=[torch.int64],
-                     save_path=freq_dir, **common)
+    a = DataAnalyzer(
+        ds,
+        metric_names=["vocab_freq"],
+        metric_functions=[vocab_freq],
+        metric_types=["accumulate_value_over_samples"],
+        metric_dtypes=[torch.int64],
+        save_path=freq_dir,
+        **common,
+    )
     a.run_map()
     a.run_reduce()
     from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIndexedDataset
@@ -132,9 +144,15 @@ def deepspeed_worker(corpus: str, workers: int, out: str) -> None:
         mask = batch["attention_mask"].bool()
         return torch.round((neglogp[batch["input_ids"]] * mask).sum(1)).to(torch.int64)
 
-    a = DataAnalyzer(ds, metric_names=["seqlen", "vocab_rarity"], metric_functions=[seqlen, vocab_rarity],
-                     metric_types=["single_value_per_sample"] * 2, metric_dtypes=[torch.int64] * 2,
-                     save_path=os.path.join(out, "metrics"), **common)
+    a = DataAnalyzer(
+        ds,
+        metric_names=["seqlen", "vocab_rarity"],
+        metric_functions=[seqlen, vocab_rarity],
+        metric_types=["single_value_per_sample"] * 2,
+        metric_dtypes=[torch.int64] * 2,
+        save_path=os.path.join(out, "metrics"),
+        **common,
+    )
     a.run_map()
     a.run_reduce()
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
@@ -149,13 +167,17 @@ def deepspeed_worker(corpus: str, workers: int, out: str) -> None:
 
 
 def run_deepspeed(python: str, corpus: str, workers: int, out: str) -> dict | None:
-    proc = subprocess.run([python, __file__, "--deepspeed-worker", corpus, str(workers), out],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [python, __file__, "--deepspeed-worker", corpus, str(workers), out],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("DSRESULT ")), None)
     if proc.returncode != 0 or line is None:
         print(f"DeepSpeed run failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
-    res = json.loads(line[len("DSRESULT "):])
+    res = json.loads(line[len("DSRESULT ") :])
     res["seqlen"] = np.load(os.path.join(out, "ds_seqlen.npy"))
     res["rarity"] = np.load(os.path.join(out, "ds_rarity.npy"))
     res["files"] -= 2  # the two .npy files written above for the comparison
@@ -170,12 +192,19 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=200_000)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--deepspeed-python", default="/work/venv-ds/bin/python",
-                   help="interpreter with deepspeed installed ('' to skip DeepSpeed)")
+    p.add_argument(
+        "--deepspeed-python",
+        default="/work/venv-ds/bin/python",
+        help="interpreter with deepspeed installed ('' to skip DeepSpeed)",
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tmp", default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="runs per tool and process count, interleaved; the fastest is kept (shared, noisy machines)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs per tool and process count, interleaved; the fastest is kept (shared, noisy machines)",
+    )
     args = p.parse_args()
 
     args.load_before, args.loads = os.getloadavg()[0], []
@@ -190,8 +219,16 @@ def main() -> None:
     try:
         floor, floor_cpu = read_floor(corpus)
         print(f"reading every item once (the floor for any analyzer): {args.num_samples / floor:.0f} samples/s")
-        rows.append({"tool": "read items only", "workers": 1, "seconds": floor, "cpu_seconds": floor_cpu,
-                     "files": 0, "bytes": 0})
+        rows.append(
+            {
+                "tool": "read items only",
+                "workers": 1,
+                "seconds": floor,
+                "cpu_seconds": floor_cpu,
+                "files": 0,
+                "bytes": 0,
+            }
+        )
         for w in args.workers:
             best: dict[str, dict] = {}
             for rep in range(args.repeats):
@@ -200,12 +237,16 @@ def main() -> None:
                     runs["deepspeed"] = lambda: run_deepspeed(args.deepspeed_python, corpus, w, os.path.join(tmp, "ds"))
                 for tool, fn in runs.items():
                     res = fn()
-                    shutil.rmtree(os.path.join(tmp, "ours" if tool == "lightning_dataeff" else "ds"), ignore_errors=True)
+                    shutil.rmtree(
+                        os.path.join(tmp, "ours" if tool == "lightning_dataeff" else "ds"), ignore_errors=True
+                    )
                     if res is None:
                         continue
-                    print(f"{tool:18s} processes={w} run {rep + 1}: {args.num_samples / res['seconds']:8.0f} samples/s  "
-                          f"{args.num_samples / res['cpu_seconds']:8.0f} samples/CPU-s  load {os.getloadavg()[0]:.1f}  "
-                          f"{res['files']} files  {res['bytes'] / 1e6:.1f} MB")
+                    print(
+                        f"{tool:18s} processes={w} run {rep + 1}: {args.num_samples / res['seconds']:8.0f} samples/s  "
+                        f"{args.num_samples / res['cpu_seconds']:8.0f} samples/CPU-s  load {os.getloadavg()[0]:.1f}  "
+                        f"{res['files']} files  {res['bytes'] / 1e6:.1f} MB"
+                    )
                     args.loads.append(os.getloadavg()[0])
                     cpu = min(res["cpu_seconds"], best[tool]["cpu_seconds"]) if tool in best else res["cpu_seconds"]
                     if tool not in best or res["seconds"] < best[tool]["seconds"]:
@@ -213,10 +254,14 @@ def main() -> None:
                     best[tool]["cpu_seconds"] = cpu  # fastest wall time and least CPU time, each over the runs
             if "deepspeed" in best:
                 ours, ds = best["lightning_dataeff"], best["deepspeed"]
-                print(f"  seqlen equal: {np.array_equal(ds['seqlen'], ours['seqlen'])}, max |vocab_rarity diff| "
-                      f"{np.abs(ds['rarity'] - ours['rarity']).max():.2f} (DeepSpeed rounds to integers)")
+                print(
+                    f"  seqlen equal: {np.array_equal(ds['seqlen'], ours['seqlen'])}, max |vocab_rarity diff| "
+                    f"{np.abs(ds['rarity'] - ours['rarity']).max():.2f} (DeepSpeed rounds to integers)"
+                )
             for tool, res in best.items():
-                rows.append({"tool": tool, "workers": w, **{k: res[k] for k in ("seconds", "cpu_seconds", "files", "bytes")}})
+                rows.append(
+                    {"tool": tool, "workers": w, **{k: res[k] for k in ("seconds", "cpu_seconds", "files", "bytes")}}
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for r in rows:
@@ -229,9 +274,21 @@ def main() -> None:
 def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, " \
-              f"numpy {np.__version__}, torch {torch.__version__}"
-    fields = ["tool", "workers", "samples", "seconds", "samples_per_s", "cpu_seconds", "samples_per_cpu_s", "files", "bytes"]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, torch {torch.__version__}"
+    )
+    fields = [
+        "tool",
+        "workers",
+        "samples",
+        "seconds",
+        "samples_per_s",
+        "cpu_seconds",
+        "samples_per_cpu_s",
+        "files",
+        "bytes",
+    ]
     with open(os.path.join(args.out, "analyzer-cpu.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -240,11 +297,13 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     speed = {(r["tool"], r["workers"]): r["samples_per_s"] for r in rows}
     cpu_speed = {(r["tool"], r["workers"]): r["samples_per_cpu_s"] for r in rows}
     lines = [
-        f"# Data analyzer throughput (CPU)\n",
-        f"{args.num_samples} samples x {args.seq_len} tokens (lengths uniform in [64, {args.seq_len}]), metrics seqlen + "
+        "# Data analyzer throughput (CPU)\n",
+        f"{args.num_samples} samples x {args.seq_len} tokens (lengths uniform in [64, {args.seq_len}]), "
+        "metrics seqlen + "
         f"vocab_rarity (two passes). Best of {args.repeats} interleaved runs per row. {stamp}; {machine}; "
         f"1-minute load average {args.load_before:.1f} before the runs, {min(args.loads, default=0):.1f} to "
-        f"{max(args.loads, default=0):.1f} after each run (a machine shared with other jobs: with {os.cpu_count()} cores "
+        f"{max(args.loads, default=0):.1f} after each run (a machine shared with other jobs: "
+        f"with {os.cpu_count()} cores "
         "and a load above that, extra processes cannot speed anything up). Samples per CPU-second (CPU time of all "
         "the tool's processes, least over the runs) depends less on the other jobs than wall time, though shared "
         "caches and memory bandwidth still move it by 20-30% from run to run.\n",
@@ -257,8 +316,10 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
         ds_cpu = cpu_speed.get(("deepspeed", r["workers"]))
         ours = ds and r["tool"] == "lightning_dataeff"
         up = f"{r['samples_per_s'] / ds:.1f}x | {r['samples_per_cpu_s'] / ds_cpu:.1f}x" if ours else " | "
-        lines.append(f"| {r['tool']} | {r['workers']} | {r['samples_per_s']:.0f} | {r['seconds']:.1f} | "
-                     f"{r['samples_per_cpu_s']:.0f} | {r['files']} | {r['bytes'] / 1e6:.1f} | {up} |")
+        lines.append(
+            f"| {r['tool']} | {r['workers']} | {r['samples_per_s']:.0f} | {r['seconds']:.1f} | "
+            f"{r['samples_per_cpu_s']:.0f} | {r['files']} | {r['bytes'] / 1e6:.1f} | {up} |"
+        )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "analyzer-cpu.md"), "w") as f:
         f.write(text)
@@ -273,8 +334,12 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     workers = sorted({r["workers"] for r in rows})
     width = 0.8 / len(tools)
     for i, tool in enumerate(tools):
-        ax.bar([x + i * width for x in range(len(workers))], [speed.get((tool, w), 0) for w in workers], width, label=tool)
-    ax.set_xticks([x + width * (len(tools) - 1) / 2 for x in range(len(workers))], [f"{w} process(es)" for w in workers])
+        ax.bar(
+            [x + i * width for x in range(len(workers))], [speed.get((tool, w), 0) for w in workers], width, label=tool
+        )
+    ax.set_xticks(
+        [x + width * (len(tools) - 1) / 2 for x in range(len(workers))], [f"{w} process(es)" for w in workers]
+    )
     ax.set_ylabel("samples / s")
     ax.set_title(f"analyze seqlen + vocab_rarity, {args.num_samples} x {args.seq_len} tokens")
     ax.legend()

@@ -10,8 +10,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET DATAEFF_KERNELS
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 PY=${PYTHON:-python3}
+# The kernels (folder triton_kernels/) import as lightning_dataeff.kernels once the project is installed.
+# Without an install (a bare copy of the checkout), point Python at a folder of links with that layout.
+if ! "$PY" -c "import lightning_dataeff.kernels" 2>/dev/null; then
+    SHIM=$(mktemp -d)
+    mkdir "$SHIM/lightning_dataeff"
+    for f in "$PWD"/lightning_dataeff/*; do ln -s "$f" "$SHIM/lightning_dataeff/"; done
+    ln -s "$PWD/triton_kernels" "$SHIM/lightning_dataeff/kernels"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+fi
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
 STAMP=$(mktemp)

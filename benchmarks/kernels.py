@@ -7,7 +7,10 @@ Writes ``benchmarks/results/kernels-<device>.csv`` and ``.png`` and prints both 
 
     python benchmarks/kernels.py            # full shapes on the current CUDA device
     python benchmarks/kernels.py --smoke    # tiny shapes on CPU (torch fallback, or the interpreter when
-                                            # TRITON_INTERPRET=1 is set); checks the script without a GPU
+                                            # TRITON_INTERPRET=1 is set); checks the script without a GPU and
+                                            # writes to benchmarks/results/smoke/ (a scratch folder, not committed)
+
+Run it with the project installed (``pip install -e .``): the kernels import as ``lightning_dataeff.kernels``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-import triton_kernels as tk  # noqa: E402
+import lightning_dataeff.kernels as tk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name, B, S, H, kept-token counts
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile provider")
     parser.add_argument("--tag", default=None, help="result file suffix (default: device name, or cpu-smoke)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results, or benchmarks/results/smoke with --smoke)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
@@ -315,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 
     smoke_tag = "cpu-smoke-interpreter" if backend == "triton-interpreter" else "cpu-smoke"
     tag = args.tag or (smoke_tag if args.smoke else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = RESULTS / f"kernels-{tag}.csv", RESULTS / f"kernels-{tag}.png"
+    out = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / f"kernels-{tag}.csv", out / f"kernels-{tag}.png"
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -4,9 +4,9 @@ Models: a GPT-2-like decoder (Hugging Face GPT2, 12 layers, d=256, S=512, B=4, v
 encoder (Hugging Face ViT, 12 layers, d=256, 224px / 16px patches = 197 tokens, B=8, CLS always kept).
 random-LTD runs in layers 1..10 (every block but the first and the last). One step = forward, backward and
 an AdamW step (fused implementation by default). For each kept ratio it reports the median step time, its
-ratio to the unpatched model, the median over rounds of the per-round ratio (``paired_ratio``, the most drift-robust), the
-FLOP-ideal ratio (matmul FLOPs of blocks, attention and head at the kept lengths), that ideal with the
-measured optimizer step added as a fixed cost (``ideal_with_optimizer``), and memory: peak
+ratio to the unpatched model, the median over rounds of the per-round ratio (``paired_ratio``, the most
+drift-robust), the FLOP-ideal ratio (matmul FLOPs of blocks, attention and head at the kept lengths), that
+ideal with the measured optimizer step added as a fixed cost (``ideal_with_optimizer``), and memory: peak
 allocated memory on CUDA, or on CPU the bytes of activations saved for backward (autograd saved tensors).
 Configurations are timed round-robin (per round and configuration, one untimed step then one timed step,
 so every timed step follows a step of the same shapes, as in training) so that load drift on a shared
@@ -60,20 +60,39 @@ def build(spec: Spec, device: str):
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     if spec.vocab:
-        cfg = GPT2Config(n_layer=spec.layers, n_embd=spec.hidden, n_head=spec.heads, vocab_size=spec.vocab,
-                         n_positions=spec.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         bos_token_id=0, eos_token_id=0)
+        cfg = GPT2Config(
+            n_layer=spec.layers,
+            n_embd=spec.hidden,
+            n_head=spec.heads,
+            vocab_size=spec.vocab,
+            n_positions=spec.seq,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = GPT2LMHeadModel(cfg)
         ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device)
         inputs = {"input_ids": ids, "labels": ids}
     else:
         side = int(round((spec.seq - 1) ** 0.5)) * 16
-        cfg = ViTConfig(num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
-                        intermediate_size=4 * spec.hidden, image_size=side, patch_size=16, num_labels=10,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        cfg = ViTConfig(
+            num_hidden_layers=spec.layers,
+            hidden_size=spec.hidden,
+            num_attention_heads=spec.heads,
+            intermediate_size=4 * spec.hidden,
+            image_size=side,
+            patch_size=16,
+            num_labels=10,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         model = ViTForImageClassification(cfg)
-        inputs = {"pixel_values": torch.randn(spec.batch, 3, side, side, device=device),
-                  "labels": torch.randint(0, 10, (spec.batch,), device=device)}
+        inputs = {
+            "pixel_values": torch.randn(spec.batch, 3, side, side, device=device),
+            "labels": torch.randint(0, 10, (spec.batch,), device=device),
+        }
     return model.to(device).train(), inputs
 
 
@@ -148,7 +167,9 @@ def run_model(spec: Spec, device: str, repeats: int, warmup: int, clock, fused: 
             r.step(record=False)
     for _ in range(repeats):
         for r in runners:
-            r.step(record=False)  # untimed: the timed step follows a step of the same shapes (steady state, as in training)
+            r.step(
+                record=False
+            )  # untimed: the timed step follows a step of the same shapes (steady state, as in training)
             r.step(clock=clock)
     base = runners[0]
     base_t = statistics.median(base.times)
@@ -156,24 +177,26 @@ def run_model(spec: Spec, device: str, repeats: int, warmup: int, clock, fused: 
     rows = []
     for r in runners:
         t = statistics.median(r.times)
-        rows.append({
-            "model": spec.name,
-            "config": "unpatched" if r.ratio is None else f"keep {r.ratio:.2f}",
-            "kept_ratio": 1.0 if r.ratio is None else r.ratio,
-            "kept_tokens": spec.seq if r.kept is None else r.kept,
-            "seq_len": spec.seq,
-            "step_s_median": round(t, 5),
-            "step_s_min": round(min(r.times), 5),
-            "step_s_max": round(max(r.times), 5),
-            "wall_s_median": round(statistics.median(r.wall), 5),
-            "ratio_to_unpatched": round(t / base_t, 4),
-            "paired_ratio": round(statistics.median(a / b for a, b in zip(r.times, base.times)), 4),
-            "flop_ideal_ratio": round(flops(spec, r.kept) / flops(spec, None), 4),
-            "optimizer_s_median": round(statistics.median(r.opt_times), 5),
-            "ideal_with_optimizer": round(_ideal_with_fixed(flops(spec, r.kept) / flops(spec, None), opt_share), 4),
-            "memory_mb": round(r.memory / 2**20, 2),
-            "memory_ratio": round(r.memory / base.memory, 4) if base.memory else float("nan"),
-        })
+        rows.append(
+            {
+                "model": spec.name,
+                "config": "unpatched" if r.ratio is None else f"keep {r.ratio:.2f}",
+                "kept_ratio": 1.0 if r.ratio is None else r.ratio,
+                "kept_tokens": spec.seq if r.kept is None else r.kept,
+                "seq_len": spec.seq,
+                "step_s_median": round(t, 5),
+                "step_s_min": round(min(r.times), 5),
+                "step_s_max": round(max(r.times), 5),
+                "wall_s_median": round(statistics.median(r.wall), 5),
+                "ratio_to_unpatched": round(t / base_t, 4),
+                "paired_ratio": round(statistics.median(a / b for a, b in zip(r.times, base.times)), 4),
+                "flop_ideal_ratio": round(flops(spec, r.kept) / flops(spec, None), 4),
+                "optimizer_s_median": round(statistics.median(r.opt_times), 5),
+                "ideal_with_optimizer": round(_ideal_with_fixed(flops(spec, r.kept) / flops(spec, None), opt_share), 4),
+                "memory_mb": round(r.memory / 2**20, 2),
+                "memory_ratio": round(r.memory / base.memory, 4) if base.memory else float("nan"),
+            }
+        )
         r.close()
     return rows
 
@@ -239,12 +262,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (round-robin)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave the default)")
-    ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
-                    help="auto: process CPU time on CPU, wall time on CUDA")
+    ap.add_argument(
+        "--clock",
+        choices=["auto", "cpu", "wall"],
+        default="auto",
+        help="auto: process CPU time on CPU, wall time on CUDA",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat, no files written")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
-                    help="AdamW implementation (its step is a fixed cost that does not shrink with the tokens)")
+    ap.add_argument(
+        "--optimizer",
+        choices=["fused", "foreach"],
+        default="fused",
+        help="AdamW implementation (its step is a fixed cost that does not shrink with the tokens)",
+    )
     ap.add_argument("--note", default="", help="free text added to the .md (e.g. earlier runs, load)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -253,8 +284,10 @@ def main(argv: list[str] | None = None) -> None:
         specs = [Spec("gpt2-smoke", 4, 32, 2, 32, 2, vocab=64), Spec("vit-smoke", 4, 32, 2, 17, 2, keep_positions=(0,))]
         args.repeats, args.warmup = 1, 0
     else:
-        specs = [Spec("gpt2-like (12L, d=256, S=512, B=4)", 12, 256, 4, 512, 4, vocab=512),
-                 Spec("vit-like (12L, d=256, 197 tokens, B=8)", 12, 256, 4, 197, 8, keep_positions=(0,))]
+        specs = [
+            Spec("gpt2-like (12L, d=256, S=512, B=4)", 12, 256, 4, 512, 4, vocab=512),
+            Spec("vit-like (12L, d=256, 197 tokens, B=8)", 12, 256, 4, 197, 8, keep_positions=(0,)),
+        ]
     use_cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu")
     clock = time.process_time if use_cpu_clock else time.perf_counter
     clock_name = "process CPU time" if use_cpu_clock else "wall time"
@@ -287,9 +320,11 @@ def main(argv: list[str] | None = None) -> None:
         f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
         for r in rows:
             f.write("| " + " | ".join(str(r[c]) for c in cols) + " |\n")
-        f.write("\nThe FLOP ideal counts block and LM-head matmuls; the optimizer step and other per-step costs\n"
-                "that do not shrink with the kept tokens are outside it. ideal_with_optimizer adds the measured\n"
-                "optimizer step (optimizer_s_median of the unpatched model) as a fixed cost to the FLOP ideal.\n")
+        f.write(
+            "\nThe FLOP ideal counts block and LM-head matmuls; the optimizer step and other per-step costs\n"
+            "that do not shrink with the kept tokens are outside it. ideal_with_optimizer adds the measured\n"
+            "optimizer step (optimizer_s_median of the unpatched model) as a fixed cost to the FLOP ideal.\n"
+        )
         if args.note:
             f.write(f"\n{args.note}\n")
     print(f"wrote {stem}.csv/.png/.md")

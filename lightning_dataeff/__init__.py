@@ -31,6 +31,8 @@ _EXPORTS = {
     "RandomLTDState": "lightning_dataeff.random_ltd",
     "register_block": "lightning_dataeff.random_ltd",
     "LayerTokenLRScheduler": "lightning_dataeff.random_ltd",
+    "count_tokens": "lightning_dataeff.random_ltd",
+    "TokenCounter": "lightning_dataeff.random_ltd",
     # curriculum
     "set_batch_sequence_length": "lightning_dataeff.curriculum",
     "analyze": "lightning_dataeff.curriculum",

@@ -28,12 +28,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = commands[name] = sub.add_parser(name, help=help_text, description=help_text, prog=f"dataeff {name}")
         p.add_argument("recipe", help="recipe YAML file, e.g. recipes/gpt2-tiny.yaml")
-        p.add_argument("overrides", nargs="*", help="OmegaConf dotted overrides, e.g. optim.lr=3e-4 trainer.max_steps=10")
+        p.add_argument(
+            "overrides", nargs="*", help="OmegaConf dotted overrides, e.g. optim.lr=3e-4 trainer.max_steps=10"
+        )
         p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
         return p
 
     fit = add("fit", "train as the recipe says")
-    fit.add_argument("--deepspeed-config", metavar="JSON", help="map a DeepSpeed config's data_efficiency section onto callbacks")
+    fit.add_argument(
+        "--deepspeed-config", metavar="JSON", help="map a DeepSpeed config's data_efficiency section onto callbacks"
+    )
     add("analyze", "run the curriculum data analyzer on the recipe's training set")
     cmp = add("compare", "run baseline / curriculum / random-LTD / both at the same layer-token budget")
     cmp.add_argument("--variants", help="comma-separated subset of baseline,curriculum,random_ltd,both")

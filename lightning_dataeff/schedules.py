@@ -235,29 +235,57 @@ def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int]
     """
     if not isinstance(config, Mapping):
         raise ValueError(f"schedule config must be a mapping, got {type(config).__name__}")
-    if "min_difficulty" in config or "max_difficulty" in config:
-        form = "curriculum"
-    elif "min_value" in config or "max_value" in config:
-        form = "random_ltd"
-    elif config.get("schedule_type") in ("fixed_discrete", "custom"):
-        form = "curriculum"
-    else:
-        raise ValueError(
-            "schedule config needs min_difficulty/max_difficulty (curriculum form) or "
-            f"min_value/max_value (random-LTD form); got keys {sorted(config)}"
-        )
-    keys = _FORMS[form]
+    form = _form_of(config)
     stype = config.get("schedule_type")
     if stype is None:
         raise ValueError("schedule_type is required; allowed: " + ", ".join(SCHEDULE_TYPES))
     if stype not in SCHEDULE_TYPES:
         raise ValueError(f"schedule_type {stype!r} is not supported; allowed: " + ", ".join(SCHEDULE_TYPES))
-    sc = config.get("schedule_config", {})
-    if sc is None:
-        sc = {}
+    sc = _schedule_config(config, form, stype)
+    if stype == "fixed_discrete":
+        for key in ("difficulty", "max_step"):
+            if key not in sc:
+                raise ValueError(f"schedule_config.{key} is required for schedule_type fixed_discrete")
+        return FixedDiscrete(tuple(sc["difficulty"]), tuple(sc["max_step"]))
+    keys = _FORMS[form]
+    lo = _check_int(keys["min"], _need(keys["min"], config, stype), minimum=1)
+    hi = _check_int(keys["max"], _need(keys["max"], config, stype), minimum=1)
+    if lo > hi:
+        raise ValueError(f"{keys['min']} ({lo}) must be <= {keys['max']} ({hi})")
+    if stype == "custom":
+        fn = custom_fn or config.get("custom_fn") or sc.get("custom_fn")
+        if fn is None:
+            raise ValueError("schedule_type custom needs a callable (custom_fn)")
+        return CustomSchedule(fn, lo, hi, int(sc.get(keys["total"], 0) or 0))
+    total, step = ("schedule_config." + keys[k] for k in ("total", "step"))
+    total = _check_int(total, _need(keys["total"], sc, stype, "schedule_config."), minimum=1)
+    step_size = _check_int(step, _need(keys["step"], sc, stype, "schedule_config."), minimum=1)
+    root = 1
+    if stype == "fixed_root":
+        root = _check_root_degree("schedule_config.root_degree", _need("root_degree", sc, stype, "schedule_config."))
+    return FixedRoot(lo, hi, total, step_size, root)
+
+
+def _form_of(config: Mapping[str, Any]) -> str:
+    """``"curriculum"`` or ``"random_ltd"``: which DeepSpeed key names the config uses."""
+    if "min_difficulty" in config or "max_difficulty" in config:
+        return "curriculum"
+    if "min_value" in config or "max_value" in config:
+        return "random_ltd"
+    if config.get("schedule_type") in ("fixed_discrete", "custom"):
+        return "curriculum"
+    raise ValueError(
+        "schedule config needs min_difficulty/max_difficulty (curriculum form) or "
+        f"min_value/max_value (random-LTD form); got keys {sorted(config)}"
+    )
+
+
+def _schedule_config(config: Mapping[str, Any], form: str, stype: str) -> Mapping[str, Any]:
+    """``config["schedule_config"]`` (``{}`` when absent), with no key DeepSpeed does not define for ``stype``."""
+    sc = config.get("schedule_config")
+    sc = {} if sc is None else sc
     if not isinstance(sc, Mapping):
         raise ValueError("schedule_config must be a mapping")
-
     allowed = _allowed_schedule_keys(form, stype)
     unknown = sorted(set(sc) - allowed)
     if unknown:
@@ -265,40 +293,13 @@ def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int]
             f"schedule_config has unknown key(s) {unknown} for schedule_type {stype} "
             f"({'random-LTD' if form == 'random_ltd' else 'curriculum'} form); allowed: {sorted(allowed)}"
         )
+    return sc
 
-    if stype == "fixed_discrete":
-        if "difficulty" not in sc:
-            raise ValueError("schedule_config.difficulty is required for schedule_type fixed_discrete")
-        if "max_step" not in sc:
-            raise ValueError("schedule_config.max_step is required for schedule_type fixed_discrete")
-        return FixedDiscrete(tuple(sc["difficulty"]), tuple(sc["max_step"]))
 
-    def need(key: str, where: Mapping[str, Any], prefix: str = "") -> Any:
-        if key not in where or where[key] is None:
-            raise ValueError(f"{prefix}{key} is required for schedule_type {stype}")
-        return where[key]
-
-    lo = _check_int(keys["min"], need(keys["min"], config), minimum=1)
-    hi = _check_int(keys["max"], need(keys["max"], config), minimum=1)
-    if lo > hi:
-        raise ValueError(f"{keys['min']} ({lo}) must be <= {keys['max']} ({hi})")
-
-    if stype == "custom":
-        fn = custom_fn or config.get("custom_fn") or sc.get("custom_fn")
-        if fn is None:
-            raise ValueError("schedule_type custom needs a callable (custom_fn)")
-        return CustomSchedule(fn, lo, hi, int(sc.get(keys["total"], 0) or 0))
-
-    total = _check_int(
-        "schedule_config." + keys["total"], need(keys["total"], sc, "schedule_config."), minimum=1
-    )
-    step_size = _check_int(
-        "schedule_config." + keys["step"], need(keys["step"], sc, "schedule_config."), minimum=1
-    )
-    root = 1
-    if stype == "fixed_root":
-        root = _check_root_degree("schedule_config.root_degree", need("root_degree", sc, "schedule_config."))
-    return FixedRoot(lo, hi, total, step_size, root)
+def _need(key: str, where: Mapping[str, Any], stype: str, prefix: str = "") -> Any:
+    if key not in where or where[key] is None:
+        raise ValueError(f"{prefix}{key} is required for schedule_type {stype}")
+    return where[key]
 
 
 def _allowed_schedule_keys(form: str, stype: str) -> set[str]:

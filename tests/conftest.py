@@ -16,7 +16,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _run_in_tmp_dir(tmp_path, monkeypatch):
-    """Tests run in their own temporary directory, so nothing (e.g. Lightning's default checkpoints/) lands in the repo."""
+    """Tests run in their own temporary directory: nothing (e.g. Lightning's checkpoints/) lands in the repo."""
     monkeypatch.chdir(tmp_path)
 
 

@@ -150,7 +150,8 @@ def test_killed_analysis_resumes_identically(ds, tmp_path):
     CRASH.update(at=300, calls=0)  # dies inside the third chunk
     with pytest.raises(KeyboardInterrupt):
         analyze(ds, metrics, resumed, num_workers=0, chunk_size=128, progress=False)
-    assert sorted(f for f in os.listdir(resumed / "_work") if f.startswith("map")) == ["map-0000000.npz", "map-0000001.npz"]
+    maps = sorted(f for f in os.listdir(resumed / "_work") if f.startswith("map"))
+    assert maps == ["map-0000000.npz", "map-0000001.npz"]
     CRASH.update(at=None, calls=0)
     analyze(ds, metrics, resumed, num_workers=0, chunk_size=128, progress=False)
     assert CRASH["calls"] == N - 256  # finished chunks were not redone
@@ -183,10 +184,18 @@ def test_item_forms_and_padding(tmp_path):
     assert res["seqlen"].sample_to_metric.tolist() == [3, 1, 5]
     res = analyze([torch.tensor(x) for x in lists], ["seqlen"], tmp_path / "b", num_workers=0, progress=False)
     assert res["seqlen"].sample_to_metric.tolist() == [5, 5, 5]
-    res = analyze(lists, ["vocab_rarity"], tmp_path / "c", num_workers=0, vocab_counts=[90, 1, 0, 0, 0, 2, 2, 2, 0, 3],
-                  progress=False)
+    res = analyze(
+        lists,
+        ["vocab_rarity"],
+        tmp_path / "c",
+        num_workers=0,
+        vocab_counts=[90, 1, 0, 0, 0, 2, 2, 2, 0, 3],
+        progress=False,
+    )
     nl = np.log(100) - np.log(np.maximum([90, 1, 0, 0, 0, 2, 2, 2, 0, 3], 1))
-    assert np.allclose(res["vocab_rarity"].sample_to_metric, [nl[[5, 6, 7, 0, 0]].sum(), nl[[1, 0, 0, 0, 0]].sum(), 5 * nl[9]])
+    assert np.allclose(
+        res["vocab_rarity"].sample_to_metric, [nl[[5, 6, 7, 0, 0]].sum(), nl[[1, 0, 0, 0, 0]].sum(), 5 * nl[9]]
+    )
     res = analyze([[70000, 1, 1], [1]], ["vocab_rarity"], tmp_path / "d", num_workers=0, progress=False)  # > uint16
     assert np.allclose(res["vocab_rarity"].sample_to_metric, [np.log(4) + 2 * np.log(4 / 3), np.log(4 / 3)])
 

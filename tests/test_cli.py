@@ -102,7 +102,11 @@ def test_print_config_shows_resolved_overrides(capsys):
 
 def test_python_dash_m_runs_the_cli():
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_dataeff", "fit", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [sys.executable, "-m", "lightning_dataeff", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "usage: dataeff fit" in proc.stdout and "--deepspeed-config" in proc.stdout
@@ -110,8 +114,18 @@ def test_python_dash_m_runs_the_cli():
 
 def test_gpt2_tiny_fit_writes_all_outputs(tmp_path, capsys):
     out = tmp_path / "gpt2"
-    code = main(["fit", GPT2, f"output_dir={out}", "trainer.max_steps=4", "checkpoint_every_n_steps=3",
-                 "trainer.val_check_interval=2", "logger=csv", "trainer.enable_progress_bar=false"])
+    code = main(
+        [
+            "fit",
+            GPT2,
+            f"output_dir={out}",
+            "trainer.max_steps=4",
+            "checkpoint_every_n_steps=3",
+            "trainer.val_check_interval=2",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
     assert code == 0
     assert "4 steps" in capsys.readouterr().out
     rows = _rows(out / "metrics.csv")
@@ -181,18 +195,33 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_compare_tiny_budget_writes_table_csv_and_plot(tmp_path, capsys):
     budget = 24 * 8 * 32 * 4  # 24 full-length steps of the small model
-    code = main([
-        "compare", GPT2, *SMALL_GPT2, *QUIET, f"output_dir={tmp_path}", f"budget.max_layer_tokens={budget}",
-        "trainer.val_check_interval=6", "--variants", "baseline,both", "--seeds", "2",
-        "--output-dir", str(tmp_path / "report"),
-    ])
+    code = main(
+        [
+            "compare",
+            GPT2,
+            *SMALL_GPT2,
+            *QUIET,
+            f"output_dir={tmp_path}",
+            f"budget.max_layer_tokens={budget}",
+            "trainer.val_check_interval=6",
+            "--variants",
+            "baseline,both",
+            "--seeds",
+            "2",
+            "--output-dir",
+            str(tmp_path / "report"),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "| baseline | 2 |" in table and "| both | 2 |" in table and "±" in table
     with open(tmp_path / "report" / "comparison.csv", newline="") as f:
         runs = list(csv.DictReader(f))
     assert [(r["variant"], r["seed"]) for r in runs] == [
-        ("baseline", "1234"), ("baseline", "1235"), ("both", "1234"), ("both", "1235")
+        ("baseline", "1234"),
+        ("baseline", "1235"),
+        ("both", "1234"),
+        ("both", "1235"),
     ]
     per_step = 8 * 32 * 4
     for r in runs:  # every run stops at the budget, within one step

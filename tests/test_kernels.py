@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import triton_kernels as tk
-from triton_kernels import reference as ref
+import lightning_dataeff.kernels as tk
+from lightning_dataeff.kernels import reference as ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -120,7 +120,7 @@ def test_non_contiguous_inputs_and_gradients():
 def test_inverse_index(bsz, seq_len, k):
     if not tk.use_triton(torch.empty(1, device=DEVICE)):
         pytest.skip("Triton unavailable")
-    from triton_kernels.gather_scatter import inverse_index
+    from lightning_dataeff.kernels.gather_scatter import inverse_index
 
     idx = _indices(bsz, seq_len, k).flip(1)  # unsorted rows
     expected = torch.full((bsz, seq_len), -1, dtype=torch.int32, device=DEVICE)

@@ -21,8 +21,8 @@ NO_TOOLCHAIN = 77
 
 def _variants():
     """(kernel, signature, constexprs, arch, num_warps) for every specialisation the launchers can produce."""
-    from triton_kernels import gather_scatter as gs
-    from triton_kernels import sampling as sp
+    from lightning_dataeff.kernels import gather_scatter as gs
+    from lightning_dataeff.kernels import sampling as sp
 
     gather_sig = {"idx_ptr": "*i64", "n_rows": "i32", "K": "i32", "H": "i32", "sxb": "i64", "sxs": "i32", "sxh": "i32"}
     merge_sig = {"inv_ptr": "*i32"} | {n: "i32" for n in ("n_rows", "S", "H", "sab", "sas", "sah", "syb", "sys", "syh")}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-import triton_kernels as tk
-from triton_kernels import reference as ref
+import lightning_dataeff.kernels as tk
+from lightning_dataeff.kernels import reference as ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 P_MIN = 1e-4  # a correct sampler fails one of these statistical tests with probability about 1e-4 each
@@ -49,7 +49,7 @@ def test_shapes_sorted_unique_and_paths_identical(seq_len, keep, layers, batch):
 def test_multi_chunk_kernel_path(block):
     if not tk.use_triton(torch.empty(1, device=DEVICE)):
         pytest.skip("Triton unavailable")
-    from triton_kernels.sampling import select_smallest_triton
+    from lightning_dataeff.kernels.sampling import select_smallest_triton
 
     bits = torch.empty(4, 203, dtype=torch.int64, device=DEVICE).random_(generator=_gen(0))
     keep = torch.zeros(203, dtype=torch.bool, device=DEVICE)

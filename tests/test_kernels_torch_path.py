@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import triton_kernels as tk
-from triton_kernels import reference as ref
-from triton_kernels import torch_path
+import lightning_dataeff.kernels as tk
+from lightning_dataeff.kernels import reference as ref
+from lightning_dataeff.kernels import torch_path
 
 
 @pytest.fixture(autouse=True)

@@ -1,79 +1,31 @@
-"""RandomLTD callback: schedule, logging, configure_model, exact resume, DeepSpeed config mapping, errors."""
+"""RandomLTD callback: schedule, logging, configure_model, DeepSpeed config mapping, errors (resume: test_resume)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
-from lightning_dataeff.callbacks.random_ltd import RandomLTD
+from lightning_dataeff.callbacks import RandomLTD
 
-transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-hf_logging.set_verbosity_error()
-V, S = 32, 8
+pytest.importorskip("transformers")
+from tiny_models import S, TinyLM, token_loader, trainer  # noqa: E402
 
 
-def gpt2():
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=4, n_embd=16, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg)
-
-
-class LM(pl.LightningModule):
-    def __init__(self, late: bool = False):
-        super().__init__()
-        self.late = late
-        self.model = None if late else gpt2()
-        self.losses: list[float] = []
-        self.kept: list[int | None] = []
-        self.classes: list[str] = []
-
-    def configure_model(self):
-        if self.model is None:
-            self.model = gpt2()
-
-    def training_step(self, batch, batch_idx):
-        (ids,) = batch
-        loss = self.model(input_ids=ids, labels=ids).loss
-        self.losses.append(loss.item())
-        cb = next((c for c in self.trainer.callbacks if isinstance(c, RandomLTD)), None)
-        self.kept.append(cb.state.last_kept_tokens if cb is not None else None)
-        self.classes.append(type(self.model.transformer.h[1]).__name__)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-
-def loader(n=6):
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randint(1, V, (n, S), generator=g)), batch_size=2, shuffle=False)
-
-
-def trainer(max_steps, callbacks, **kw):
-    kw.setdefault("max_steps", max_steps)
-    return pl.Trainer( accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, **kw)
+def kept(lm):
+    return [r["kept"] for r in lm.records]
 
 
 def test_schedule_logging_and_teardown():
-    lm = LM()
+    lm = TinyLM()
     cb = RandomLTD(min_tokens=2, duration=6, seq_per_step=2)
     t = trainer(6, [cb])
-    t.fit(lm, loader())
-    assert lm.kept == [2, 2, 4, 4, 6, 6]
-    assert set(lm.classes) == {"RandomLTDGPT2Block"}
+    t.fit(lm, token_loader())
+    assert kept(lm) == [2, 2, 4, 4, 6, 6]
+    assert {r["block"] for r in lm.records} == {"RandomLTDGPT2Block"}
     assert t.logged_metrics["random_ltd/kept_tokens"] == 6
-    expected = sum(2 * (S * 2 + k * 2) for k in lm.kept)
+    expected = sum(2 * (S * 2 + k * 2) for k in kept(lm))
     assert t.logged_metrics["random_ltd/layer_tokens"] == expected
     assert type(lm.model.transformer.h[1]).__name__ == "GPT2Block"  # restored after fit
-    assert cb.state_dict()["state"]["consumed_layer_tokens"] == expected
+    assert cb.state_dict()["consumed_layer_tokens"] == expected
 
 
 def test_kept_tokens_schedule_values():
@@ -92,90 +44,87 @@ def test_kept_tokens_schedule_values():
 
 
 def test_fraction_duration_and_blocks_built_in_configure_model():
-    lm = LM(late=True)
+    lm = TinyLM(late=True)
     cb = RandomLTD(min_tokens=2, duration=0.5, seq_per_step=2)
     t = trainer(4, [cb])
-    t.fit(lm, loader(8))
+    t.fit(lm, token_loader(8))
     assert cb.total_steps == 2
-    assert lm.kept == [2, 5 - 1, 8, 8]
-    assert set(lm.classes) == {"RandomLTDGPT2Block"}
-
-
-def test_resume_equals_uninterrupted(tmp_path):
-    def make_cb():
-        return RandomLTD(min_tokens=2, duration=6, seq_per_step=2, seed=5)
-
-    full = LM()
-    t = trainer(-1, [make_cb()], max_epochs=2)
-    t.fit(full, loader())  # 3 steps per epoch: interrupt at the epoch boundary (plain DataLoader)
-
-    first = LM()
-    t1 = trainer(-1, [make_cb()], max_epochs=1)
-    t1.fit(first, loader())
-    ckpt = tmp_path / "step3.ckpt"
-    t1.save_checkpoint(ckpt)
-
-    resumed = LM()
-    cb2 = make_cb()
-    t2 = trainer(-1, [cb2], max_epochs=2)
-    t2.fit(resumed, loader(), ckpt_path=str(ckpt))
-    assert first.losses + resumed.losses == full.losses
-    assert first.kept + resumed.kept == full.kept
-    for p, q in zip(resumed.parameters(), full.parameters()):
-        assert torch.equal(p, q)
-    assert cb2.state_dict()["state"]["consumed_layer_tokens"] == sum(2 * (S * 2 + k * 2) for k in full.kept)
+    assert kept(lm) == [2, 5 - 1, 8, 8]
+    assert {r["block"] for r in lm.records} == {"RandomLTDGPT2Block"}
 
 
 def test_load_state_dict_tolerates_old_or_partial_states():
     cb = RandomLTD(min_tokens=2, duration=4)
     cb.load_state_dict({})
     cb.load_state_dict({"consumed_tokens": 10, "unknown": 1})
-    lm = LM()
     t = trainer(1, [cb])
-    t.fit(lm, loader())
-    assert cb.state_dict()["state"]["consumed_tokens"] == 10 + 2 * S
+    t.fit(TinyLM(), token_loader())
+    assert cb.state_dict()["consumed_tokens"] == 10 + 2 * S
 
 
-def test_from_deepspeed():
-    section = {
-        "enabled": True,
-        "total_layer_num": 4,
-        "random_ltd_layer_num": 2,
-        "random_ltd_layer_id": [1, 2],
-        "model_mask_name": "attention_mask",
-        "random_ltd_schedule": {"min_value": 8, "max_value": 64, "schedule_type": "fixed_linear",
-                                "schedule_config": {"require_steps": 100, "seq_per_step": 16}},
-    }
-    with pytest.warns(UserWarning, match="model_mask_name"):
-        cb = RandomLTD.from_deepspeed(section)
+SECTION = {
+    "enabled": True,
+    "total_layer_num": 4,
+    "random_ltd_layer_num": 2,
+    "random_ltd_layer_id": [1, 2],
+    "random_ltd_schedule": {"min_value": 8, "max_value": 64, "schedule_type": "fixed_linear",
+                            "schedule_config": {"require_steps": 100, "seq_per_step": 16}},
+}
+
+
+def nested(routing_enabled):
+    routing = {"random_ltd": SECTION}
+    if routing_enabled is not None:
+        routing["enabled"] = routing_enabled
+    return {"data_efficiency": {"enabled": True, "data_routing": routing}}
+
+
+def test_from_deepspeed_maps_the_section():
+    cb = RandomLTD.from_deepspeed(SECTION)
     assert (cb.min_tokens, cb.max_tokens, cb.duration, cb.seq_per_step, cb.layers) == (8, 64, 100, 16, [1, 2])
     assert cb.expected_num_layers == 4
-    assert RandomLTD.from_deepspeed({**section, "enabled": False}) is None
-    nested = {"data_efficiency": {"enabled": True, "data_routing": {"enabled": False, "random_ltd": section}}}
-    assert RandomLTD.from_deepspeed(nested) is None  # a parent's enabled flag is respected
-    nested["data_efficiency"]["data_routing"]["enabled"] = True
-    with pytest.warns(UserWarning):
-        assert RandomLTD.from_deepspeed(nested).max_tokens == 64
-    with pytest.raises(ValueError, match=r"random_ltd_layer_num \(3\) != len\(random_ltd.random_ltd_layer_id\) \(2\)"):
-        RandomLTD.from_deepspeed({**section, "random_ltd_layer_num": 3})
-    no_ids = {k: v for k, v in section.items() if k != "random_ltd_layer_id"}
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="without random_ltd.random_ltd_layer_id"):
-        RandomLTD.from_deepspeed(no_ids)  # DeepSpeed requires the ids; the number alone was silently ignored
-    no_parent_flag = {"data_efficiency": {"enabled": True, "data_routing": {"random_ltd": section}}}
+
+
+def test_from_deepspeed_reads_a_whole_config():
+    assert RandomLTD.from_deepspeed(nested(True)).max_tokens == 64
+
+
+@pytest.mark.parametrize("config", [{**SECTION, "enabled": False}, nested(False)], ids=["section", "parent"])
+def test_from_deepspeed_honours_enabled_false(config):
+    assert RandomLTD.from_deepspeed(config) is None
+
+
+def test_from_deepspeed_missing_parent_flag_is_false():
     with pytest.warns(UserWarning, match="data_efficiency.data_routing.enabled is not set"):
-        assert RandomLTD.from_deepspeed(no_parent_flag) is None  # missing enabled = false, as in DeepSpeed
-    with pytest.raises(ValueError, match="unknown key.*bogus"):
-        RandomLTD.from_deepspeed({**section, "bogus": 1})
-    with pytest.raises(ValueError, match="random_ltd_schedule is required"):
-        RandomLTD.from_deepspeed({"enabled": True})
-    with pytest.raises(ValueError, match="require_steps"):
-        RandomLTD.from_deepspeed({"enabled": True, "random_ltd_schedule": {
-            "min_value": 8, "max_value": 64, "schedule_type": "fixed_linear", "schedule_config": {}}})
-    bad = {**section, "total_layer_num": 12, "model_mask_name": None}
-    del bad["model_mask_name"]
-    t = trainer(1, [RandomLTD.from_deepspeed(bad)])
+        assert RandomLTD.from_deepspeed(nested(None)) is None  # as in DeepSpeed
+
+
+@pytest.mark.parametrize("key", ["model_mask_name", "bogus"])
+def test_from_deepspeed_warns_about_each_ignored_key(key):
+    with pytest.warns(UserWarning, match=f"'random_ltd.{key}' ignored"):
+        assert RandomLTD.from_deepspeed({**SECTION, key: "x"}).max_tokens == 64
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({**SECTION, "random_ltd_layer_num": 3}, r"layer_num \(3\) != len\(random_ltd.random_ltd_layer_id\) \(2\)"),
+        ({k: v for k, v in SECTION.items() if k != "random_ltd_layer_id"}, "without random_ltd.random_ltd_layer_id"),
+        ({"enabled": True}, "random_ltd_schedule is required"),
+        ({"enabled": True, "random_ltd_schedule": {"min_value": 8, "max_value": 64, "schedule_type": "fixed_linear",
+                                                   "schedule_config": {}}}, "require_steps"),
+    ],
+    ids=["layer_num-mismatch", "layer_num-without-ids", "no-schedule", "no-require_steps"],
+)
+def test_from_deepspeed_bad_section(config, match):
+    with pytest.raises(ValueError, match=match):
+        RandomLTD.from_deepspeed(config)
+
+
+def test_from_deepspeed_total_layer_num_checked_against_the_model():
+    t = trainer(1, [RandomLTD.from_deepspeed({**SECTION, "total_layer_num": 12})])
     with pytest.raises(ValueError, match="total_layer_num is 12 but the model has 4"):
-        t.fit(LM(), loader())
+        t.fit(TinyLM(), token_loader())
 
 
 @pytest.mark.parametrize(
@@ -212,4 +161,4 @@ def test_ramp_ends_at_full_length_and_warns_when_rounding_collapses():
 def test_unknown_layer_index_raises_at_setup():
     t = trainer(1, [RandomLTD(min_tokens=2, layers=[1, 7])])
     with pytest.raises(IndexError, match="block index 7"):
-        t.fit(LM(), loader())
+        t.fit(TinyLM(), token_loader())

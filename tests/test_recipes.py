@@ -132,7 +132,8 @@ def test_hub_tokenizer_error_names_the_offline_recipe(monkeypatch):
 
     from lightning_dataeff.recipes.data import _Encoder
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    offline = lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))  # noqa: E731
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(HubUnavailableError, match="tokenizer 'gpt2'.*recipes/gpt2-tiny.yaml"):
         _Encoder("gpt2", ["text"], 300, None)
 
@@ -148,9 +149,18 @@ def test_first_reach_pairing_and_table():
         ("random_ltd", 2): [(m, 4.8, 1), (2 * m, 3.9, 2), (3 * m, 3.8, 3)],
     }
     rows = [
-        {"variant": v, "seed": seed, "steps": 3, "consumed_tokens": m, "consumed_layer_tokens": 3 * m,
-         "final_val_loss": c[-1][1], "best_val_loss": min(x[1] for x in c), "final_perplexity": 2.0,
-         "best_perplexity": 2.0, "wall_time_s": 1.0}
+        {
+            "variant": v,
+            "seed": seed,
+            "steps": 3,
+            "consumed_tokens": m,
+            "consumed_layer_tokens": 3 * m,
+            "final_val_loss": c[-1][1],
+            "best_val_loss": min(x[1] for x in c),
+            "final_perplexity": 2.0,
+            "best_perplexity": 2.0,
+            "wall_time_s": 1.0,
+        }
         for (v, seed), c in runs.items()
     ]
     assert _pair_with_reference(rows, list(runs.values()), "baseline") == pytest.approx(3.6)

@@ -56,14 +56,17 @@ def test_percentile_and_intersection(analysis):
         easiest = set(np.argsort(rarity, kind="stable")[: int(np.ceil(d["vocab_rarity"] * N / 100))].tolist())
         ids = s.batch(n)
         assert set(ids) <= easiest and seqlen[ids].max() <= d["seqlen"]
-    single = CurriculumSampler(N, 6, analysis=analysis, metrics={"seqlen": linear(1, 32, 10, clustering_type="single_cluster")})
+    single = CurriculumSampler(
+        N, 6, analysis=analysis, metrics={"seqlen": linear(1, 32, 10, clustering_type="single_cluster")}
+    )
     assert single.pool(0) is None and single.difficulties(0) == {"seqlen": 1}
 
 
 @pytest.mark.parametrize("metrics", [None, {"seqlen": linear(8, 32, 30)}])
 def test_ranks_disjoint_and_union_is_global_batch(analysis, metrics):
-    replicas = [CurriculumSampler(N, 5, seed=7, analysis=analysis, metrics=metrics, num_replicas=3, rank=r)
-                for r in range(3)]
+    replicas = [
+        CurriculumSampler(N, 5, seed=7, analysis=analysis, metrics=metrics, num_replicas=3, rank=r) for r in range(3)
+    ]
     assert len(replicas[0]) == N // 15
     for n in range(0, 40, 3):
         parts = [r.batch(n) for r in replicas]
@@ -157,5 +160,7 @@ def test_bad_arguments(analysis, kwargs, match):
 def test_analysis_dir_and_ignored_deepspeed_paths(analysis):
     path = analysis["seqlen"].path.rsplit("/", 1)[0]
     with pytest.warns(UserWarning, match="index_to_sample_path"):
-        s = CurriculumSampler(N, 4, analysis=path, metrics={"seqlen": {**linear(4, 32, 10), "index_to_sample_path": "x"}})
+        s = CurriculumSampler(
+            N, 4, analysis=path, metrics={"seqlen": {**linear(4, 32, 10), "index_to_sample_path": "x"}}
+        )
     assert list(s.analysis) == ["seqlen"]

@@ -5,7 +5,14 @@ import math
 
 import pytest
 
-from lightning_dataeff.schedules import CustomSchedule, FixedDiscrete, FixedLinear, FixedRoot, LengthRamp, build_schedule
+from lightning_dataeff.schedules import (
+    CustomSchedule,
+    FixedDiscrete,
+    FixedLinear,
+    FixedRoot,
+    LengthRamp,
+    build_schedule,
+)
 
 STEPS = [0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 17, 25, 36, 37, 49, 50, 51, 99, 100, 101, 1000]
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import BatchEncoding
 
-from lightning_dataeff.callbacks.seq_length_warmup import SeqLengthWarmup
+from lightning_dataeff.callbacks import SeqLengthWarmup
 from lightning_dataeff.curriculum import set_batch_sequence_length
 
 
@@ -75,19 +75,21 @@ def test_no_op_when_short_enough():
     assert set_batch_sequence_length(batch, 50, "reshape")["input_ids"] is ids
 
 
-def test_errors():
-    with pytest.raises(TypeError, match="on_after_batch_transfer"):
-        set_batch_sequence_length((torch.ones(2, 4),), 2)
-    with pytest.raises(ValueError, match="mode"):
-        set_batch_sequence_length(make_batch(), 2, mode="crop")
-    with pytest.raises(ValueError, match="seq_len"):
-        set_batch_sequence_length(make_batch(), 0)
-    with pytest.raises(ValueError, match="no \\[B, S\\] tensor"):
-        set_batch_sequence_length({"x": torch.ones(3)}, 2)
-    with pytest.raises(ValueError, match="keys: 'nope'"):
-        set_batch_sequence_length(make_batch(), 2, keys=["nope"])
-    with pytest.raises(ValueError, match="reshape.*'cls'"):
-        set_batch_sequence_length({"input_ids": torch.ones(2, 8), "cls": torch.ones(2)}, 4, "reshape")
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        (((torch.ones(2, 4),), 2), TypeError, "on_after_batch_transfer"),
+        ((make_batch(), 2, "crop"), ValueError, "mode"),
+        ((make_batch(), 0), ValueError, "seq_len"),
+        (({"x": torch.ones(3)}, 2), ValueError, "no \\[B, S\\] tensor"),
+        ((make_batch(), 2, "truncate", ["nope"]), ValueError, "keys: 'nope'"),
+        (({"input_ids": torch.ones(2, 8), "cls": torch.ones(2)}, 4, "reshape"), ValueError, "reshape.*'cls'"),
+    ],
+    ids=["tuple-batch", "mode", "seq_len", "no-sequence", "unknown-key", "reshape-per-sample-entry"],
+)
+def test_set_batch_sequence_length_errors(args, exc, match):
+    with pytest.raises(exc, match=match):
+        set_batch_sequence_length(*args)
 
 
 class TinyLM(pl.LightningModule):
@@ -143,24 +145,28 @@ def test_callback_fraction_duration_and_reshape():
     assert SeqLengthWarmup(duration=1e-6).duration == 1e-6  # tiny fractions never round to 0 steps
 
 
-def test_callback_errors():
+def test_callback_needs_dict_batches():
     with pytest.raises(TypeError, match="on_after_batch_transfer"):
         fit(SeqLengthWarmup(duration=2), max_steps=1, data=[(torch.ones(4, dtype=torch.long), 1)] * 4)
-    for kwargs, match in [
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
         (dict(duration=0), "duration"), (dict(duration=1.5), "duration"), (dict(duration="1"), "duration"),
         (dict(min_len=0), "min_len"), (dict(min_len=16, max_len=8), "max_len"), (dict(mode="x"), "mode"),
         (dict(schedule_type="fixed_discrete"), "schedule_type"), (dict(root_degree=2), "root_degree"),
         (dict(step_size=0), "step_size"), (dict(keys="input_ids"), "keys"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            SeqLengthWarmup(**kwargs)
+        (dict(min_len=4, max_len=12, step_size=16), r"step_size \(16\) is too large for max_len \(12\)"),
+        (dict(schedule_type="fixed_root", root_degree=0), "root_degree"),
+    ],
+)
+def test_callback_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SeqLengthWarmup(**kwargs)
 
 
-def test_warmup_ramp_checks_and_exact_end():
-    with pytest.raises(ValueError, match=r"step_size \(16\) is too large for max_len \(12\)"):
-        SeqLengthWarmup(min_len=4, max_len=12, step_size=16)
-    with pytest.raises(ValueError, match="root_degree"):
-        SeqLengthWarmup(schedule_type="fixed_root", root_degree=0)
+def test_warmup_ramp_exact_end_and_collapse_warning():
     cb = SeqLengthWarmup(min_len=8, duration=10, step_size=8)
     assert [cb.seq_len_at(s, 100) for s in (0, 9, 10, 1000)] == [8, 88, 100, 100]  # not stuck at 96
     short = SeqLengthWarmup(min_len=2, duration=10, step_size=8)
@@ -181,13 +187,21 @@ def test_from_deepspeed_legacy_seqlen():
     assert SeqLengthWarmup.from_deepspeed({**LEGACY, "enabled": False}) is None
     with pytest.warns(UserWarning, match="enabled is not set"):
         assert SeqLengthWarmup.from_deepspeed({k: v for k, v in LEGACY.items() if k != "enabled"}) is None
-    bad_sc = {"total_curriculum_step": 10, "root_degree": 2}
-    for section, match in [
-        ({**LEGACY, "schedule_config": bad_sc}, "curriculum_learning: schedule_config.difficulty_step"),
+    with pytest.warns(UserWarning, match="'curriculum_learning.foo' ignored"):
+        assert SeqLengthWarmup.from_deepspeed({**LEGACY, "foo": 1}).max_len == 64
+
+
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({**LEGACY, "schedule_config": {"total_curriculum_step": 10, "root_degree": 2}},
+         "curriculum_learning: schedule_config.difficulty_step"),
         ({**LEGACY, "curriculum_type": "vocab"}, "curriculum_type"),
         ({**LEGACY, "schedule_type": "fixed_discrete"}, "schedule_type"),
-        ({**LEGACY, "foo": 1}, r"unknown key\(s\) \['foo'\]"),
         ({**LEGACY, "enabled": "yes"}, "enabled must be true or false"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            SeqLengthWarmup.from_deepspeed(section)
+    ],
+    ids=["no-difficulty_step", "curriculum_type", "schedule_type", "enabled-not-bool"],
+)
+def test_from_deepspeed_legacy_bad_section(section, match):
+    with pytest.raises(ValueError, match=match):
+        SeqLengthWarmup.from_deepspeed(section)

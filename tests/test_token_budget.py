@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
-from lightning_dataeff.callbacks.random_ltd import RandomLTD, TokenBudget
+from lightning_dataeff.callbacks import RandomLTD, TokenBudget
 from lightning_dataeff.random_ltd import LayerTokenLRScheduler, apply_random_ltd
 
-transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+pytest.importorskip("transformers")
+from tiny_models import S, V, gpt2  # noqa: E402
 
-hf_logging.set_verbosity_error()
-V, S, B, L = 32, 8, 2, 4
+B, L = 2, 4
 
 
 class LM(pl.LightningModule):
     def __init__(self, budget=None, functional_kept=None):
         super().__init__()
-        torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=L, n_embd=16, n_head=2, vocab_size=V, n_positions=16, bos_token_id=0,
-                         eos_token_id=0)
-        self.model = GPT2LMHeadModel(cfg)
+        self.model = gpt2(n_layer=L)
         if functional_kept is not None:
             apply_random_ltd(self, kept_tokens=functional_kept)
         self.budget = budget
@@ -85,15 +80,23 @@ def test_functional_api_state_and_layer_token_lr_schedule():
     assert lm.lrs == pytest.approx(expected)
 
 
-def test_resume_and_errors():
+def test_load_state_dict_keeps_missing_counters():
     budget = TokenBudget(max_tokens=10)
     budget.load_state_dict({"consumed_tokens": 7})
     assert (budget.consumed_tokens, budget.consumed_layer_tokens) == (7, 0)
-    with pytest.raises(ValueError, match="max_layer_tokens must be a positive integer"):
-        TokenBudget(max_layer_tokens=0)
-    with pytest.raises(ValueError, match="num_layers"):
-        TokenBudget(num_layers=-1)
 
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(max_layer_tokens=0), "max_layer_tokens must be a positive integer"), (dict(num_layers=-1), "num_layers"),
+     (dict(sync_every_step=1), "sync_every_step"), (dict(counter=object()), "counter")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        TokenBudget(**kwargs)
+
+
+def test_model_without_blocks_names_register_block():
     class Plain(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -107,6 +110,13 @@ def test_resume_and_errors():
 
     with pytest.raises(ValueError, match="TokenBudget: no transformer block.*register_block"):
         fit(Plain(), [TokenBudget(max_tokens=5)])
+
+
+def test_reached_and_stop_reason():
+    budget = TokenBudget(max_layer_tokens=3 * B * S * L)
+    assert not budget.reached and budget.stop_reason is None
+    fit(LM(), [budget])
+    assert budget.reached and budget.stop_reason == "max_layer_tokens"
 
 
 class _FakeStrategy:
@@ -126,13 +136,7 @@ class _FakeTrainer:
         self.log_every_n_steps = log_every_n_steps
         self.strategy = _FakeStrategy()
         self.lr_scheduler_configs = [type("Cfg", (), {"scheduler": s})() for s in schedulers]
-        self.fit_loop = type("Loop", (), {})()
-        self.fit_loop.epoch_loop = type("Epoch", (), {"_batches_that_stepped": 0})()
-        self._logger_connector = self
-
-    @property
-    def should_update_logs(self):
-        return (self.fit_loop.epoch_loop._batches_that_stepped + 1) % self.log_every_n_steps == 0
+        self.global_step = 0
 
 
 class _FakeModule:
@@ -145,36 +149,37 @@ class _FakeModule:
         self.logged.append((name, value))
 
 
+class _Counter:
+    consumed_tokens = consumed_layer_tokens = 0
+
+
 def _run_steps(budget, trainer, steps=6):
-    module, view = _FakeModule(), type("View", (), {})()
-    view.state = type("State", (), {"consumed_tokens": 0, "consumed_layer_tokens": 0})()
-    budget._rltd = view
+    module, counter = _FakeModule(), budget.counter
     budget.on_train_start(trainer, module)
     for _ in range(steps):
-        view.state.consumed_tokens += 16
-        view.state.consumed_layer_tokens += 64
+        counter.consumed_tokens += 16
+        counter.consumed_layer_tokens += 64
         budget.on_before_optimizer_step(trainer, module, None)
-        trainer.fit_loop.epoch_loop._batches_that_stepped += 1
+        trainer.global_step += 1
     return module
 
 
 def test_ddp_counts_all_reduce_only_when_needed():
-    budget, trainer = TokenBudget(), _FakeTrainer(log_every_n_steps=3)
+    budget, trainer = TokenBudget(counter=_Counter()), _FakeTrainer(log_every_n_steps=3)
     module = _run_steps(budget, trainer)
     assert trainer.strategy.calls == 2  # logging steps 3 and 6 only, no budget, no layer-token scheduler
     assert [v for k, v in module.logged if k == "tokens/consumed"] == [3 * 32.0, 6 * 32.0]
     assert (budget.consumed_tokens, budget.consumed_layer_tokens) == (6 * 32, 6 * 128)  # nothing lost in between
-    for every_step in (TokenBudget(max_tokens=10**9), TokenBudget(sync_every_step=True)):
+    for every_step in (TokenBudget(max_tokens=10**9, counter=_Counter()),
+                       TokenBudget(sync_every_step=True, counter=_Counter())):
         trainer = _FakeTrainer(log_every_n_steps=3)
         _run_steps(every_step, trainer)
         assert trainer.strategy.calls == 6
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched_budget = TokenBudget()
+    sched_budget = TokenBudget(counter=_Counter())
     sched = LayerTokenLRScheduler(opt, total_layer_tokens=10**6, counter=lambda: sched_budget.consumed_layer_tokens)
     trainer = _FakeTrainer(log_every_n_steps=50, schedulers=[sched])
     _run_steps(sched_budget, trainer)
     assert trainer.strategy.calls == 6  # the LR scheduler reads the global count every step
     budget.on_train_end(trainer, _FakeModule())  # a final sync with nothing pending changes nothing
     assert budget.consumed_tokens == 6 * 32
-    with pytest.raises(ValueError, match="sync_every_step"):
-        TokenBudget(sync_every_step=1)

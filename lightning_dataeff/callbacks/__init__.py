@@ -7,7 +7,7 @@ from typing import Any
 
 _EXPORTS = {
     "RandomLTD": "lightning_dataeff.callbacks.random_ltd",
-    "TokenBudget": "lightning_dataeff.callbacks.random_ltd",
+    "TokenBudget": "lightning_dataeff.callbacks.token_budget",
     "SeqLengthWarmup": "lightning_dataeff.callbacks.seq_length_warmup",
     "CurriculumLearning": "lightning_dataeff.callbacks.curriculum",
 }

@@ -11,17 +11,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lightning_dataeff._deepspeed_keys import deepspeed_enabled, warn_ignored_keys
 from lightning_dataeff._validation import check_int
-from lightning_dataeff.curriculum.analyzer import load_analysis
+from lightning_dataeff.curriculum.analysis import load_analysis
 from lightning_dataeff.curriculum.sampler import CurriculumSampler, parse_metric_rules
-from lightning_dataeff.curriculum.seqlen import set_batch_sequence_length
+from lightning_dataeff.curriculum.seqlen import SEQLEN_METRICS, set_batch_sequence_length
+from lightning_dataeff.deepspeed_config import CurriculumSection, curriculum_section
 
 __all__ = ["CurriculumLearning"]
 
-#: single_cluster metrics with these names cut every batch to their difficulty (DeepSpeed's seqlen curriculum).
-_SEQLEN_METRICS = {"seqlen": "truncate", "seqlen_truncate": "truncate", "seqlen_reshape": "reshape"}
-_SECTION_KEYS = {"enabled", "data_cluster_path", "curriculum_metrics", "seed"}  # seed: data_efficiency.seed, passed down
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
@@ -59,57 +56,31 @@ class CurriculumLearning(Callback):
         self.analysis_dir = analysis_dir
         self.sampler: CurriculumSampler | None = None
         self.consumed = 0  # micro-batches trained (per rank; the same on every rank)
-        self._seqlen_rules = [r for r in self.rules if not r.filters and r.name in _SEQLEN_METRICS]
+        self._seqlen_rules = [r for r in self.rules if not r.filters and r.name in SEQLEN_METRICS]
+        for rule in self._seqlen_rules:
+            if rule.difficulty_type != "value":
+                raise ValueError(f"metrics.{rule.name}.difficulty_type must be 'value': it cuts batches to a length")
 
     # ------------------------------------------------------------------ DeepSpeed configs
 
     @classmethod
-    def from_deepspeed(cls, section: Mapping[str, Any], *, analysis_dir: str | os.PathLike | None = None,
+    def from_deepspeed(cls, section: Mapping[str, Any] | CurriculumSection, *,
+                       analysis_dir: str | os.PathLike | None = None,
                        seed: int | None = None) -> "CurriculumLearning | None":
         """Build from DeepSpeed's ``data_efficiency.data_sampling.curriculum_learning`` section as is.
 
         Also accepts a whole DeepSpeed config (``data_efficiency`` is looked up, its ``seed`` used; a
-        ``seed`` key in the section works too). Returns ``None`` when a parent or the section's
-        ``enabled`` flag is false or absent (DeepSpeed's default is disabled). The legacy top-level
+        ``seed`` key in the section works too); read by
+        :func:`lightning_dataeff.deepspeed_config.curriculum_section`. Returns ``None`` when a parent or the
+        section's ``enabled`` flag is false or absent (DeepSpeed's default is disabled). The legacy top-level
         ``curriculum_learning`` form (``curriculum_type: seqlen``) is a sequence-length warmup, not a
         sampler curriculum: it raises ``ValueError`` pointing to ``SeqLengthWarmup.from_deepspeed``.
         Keys we do not need are ignored with a warning; bad values raise ``ValueError`` naming the key.
         """
-        if not isinstance(section, Mapping):
-            raise ValueError(f"curriculum_learning section must be a mapping, got {type(section).__name__}")
-        where = "curriculum_learning"
-        if "data_efficiency" in section or "data_sampling" in section:
-            de = section.get("data_efficiency", section)
-            if not deepspeed_enabled(de, "data_efficiency"):
-                return None
-            if seed is None and "seed" in de:
-                seed = de["seed"]
-            ds = de.get("data_sampling", {})
-            if not deepspeed_enabled(ds, "data_efficiency.data_sampling"):
-                return None
-            section = ds.get("curriculum_learning", {})
-            where = "data_efficiency.data_sampling.curriculum_learning"
-        elif isinstance(section.get("curriculum_learning"), Mapping):  # a whole config with the legacy section
-            section = section["curriculum_learning"]
-        if not isinstance(section, Mapping):
-            raise ValueError(f"{where} must be a mapping, got {type(section).__name__}")
-        if not deepspeed_enabled(section, where):
+        parsed = section if isinstance(section, CurriculumSection) else curriculum_section(section, seed)
+        if parsed is None:
             return None
-        if "curriculum_type" in section:
-            raise ValueError(
-                f"{where}.curriculum_type: the legacy top-level curriculum_learning section (curriculum_type: "
-                "seqlen) is a sequence-length warmup; build it with "
-                "lightning_dataeff.callbacks.SeqLengthWarmup.from_deepspeed(section)"
-            )
-        warn_ignored_keys(section, _SECTION_KEYS, where, "not used by CurriculumLearning")
-        if seed is None and section.get("seed") is not None:
-            seed = section["seed"]
-        if "data_cluster_path" in section:
-            warnings.warn(f"{where}.data_cluster_path is not used: samplers keep no cluster files", stacklevel=2)
-        metrics = section.get("curriculum_metrics") or {}
-        if not isinstance(metrics, Mapping):
-            raise ValueError(f"{where}.curriculum_metrics must be a mapping, got {type(metrics).__name__}")
-        return cls(dict(metrics) or None, seed=seed, analysis_dir=analysis_dir)
+        return cls(parsed.metrics or None, seed=parsed.seed if seed is None else seed, analysis_dir=analysis_dir)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -177,7 +148,7 @@ class CurriculumLearning(Callback):
                     f"got {type(batch).__name__}; call set_batch_sequence_length yourself in "
                     "LightningModule.on_after_batch_transfer"
                 )
-            set_batch_sequence_length(batch, difficulties[rule.name], _SEQLEN_METRICS[rule.name])
+            set_batch_sequence_length(batch, difficulties[rule.name], SEQLEN_METRICS[rule.name])
         for name, value in difficulties.items():
             pl_module.log(f"curriculum/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
 

@@ -1,6 +1,7 @@
 """Curriculum learning: sequence-length transforms, the data analyzer and the difficulty-aware sampler."""
 
-from lightning_dataeff.curriculum.analyzer import MetricAnalysis, analyze, load_analysis, merge_analysis
+from lightning_dataeff.curriculum.analysis import MetricAnalysis, load_analysis
+from lightning_dataeff.curriculum.analyzer import analyze, merge_analysis
 from lightning_dataeff.curriculum.sampler import CurriculumSampler, MetricRule, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import batch_sequence_length, set_batch_sequence_length
 

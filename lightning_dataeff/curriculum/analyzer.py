@@ -1,19 +1,13 @@
 """Offline data analyzer: per-sample difficulty with a process pool, resumable shards, mmap outputs.
 
-Layout of ``output_dir`` once an analysis is complete, per metric (6 files whatever the number of
-distinct values)::
+The outputs are described in :mod:`lightning_dataeff.curriculum.analysis` (the file format). Work in
+progress lives in ``output_dir/_work/`` as one file per chunk of ``chunk_size`` samples; chunk boundaries
+depend only on ``chunk_size``, so a killed run, a run with another number of workers, and
+``shard_id``/``num_shards`` jobs followed by :func:`merge_analysis` all produce byte-identical outputs.
+``_work/`` is removed once the outputs are written.
 
-    <metric>/header.json          format_version, metric, dtype, num_samples, dataset_fingerprint, ...
-    <metric>/sample_to_metric.npy [N]   value of each sample
-    <metric>/sorted_samples.npy   [N]   sample ids sorted by value (stable: ties by sample id)
-    <metric>/distinct_values.npy  [D]   distinct values, ascending
-    <metric>/distinct_offsets.npy [D+1] distinct_values[i] covers sorted_samples[offsets[i]:offsets[i+1]]
-    <metric>/percentiles.npy      [101] value of the last sample admitted at percentile p (p = 0..100)
-
-Work in progress lives in ``output_dir/_work/`` as one file per chunk of ``chunk_size`` samples;
-chunk boundaries depend only on ``chunk_size``, so a killed run, a run with another number of
-workers, and ``shard_id``/``num_shards`` jobs followed by :func:`merge_analysis` all produce
-byte-identical outputs. ``_work/`` is removed once the outputs are written.
+One analysis is an :class:`_Job` (dataset, metrics, settings, work directory). Worker processes are forked
+with the job as their initializer argument, so the dataset is never pickled.
 """
 
 from __future__ import annotations
@@ -26,11 +20,19 @@ import shutil
 import sys
 import uuid
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from lightning_dataeff._validation import check_int
+from lightning_dataeff.curriculum.analysis import (
+    FORMAT_VERSION,
+    MetricAnalysis,
+    load_analysis,
+    save_atomic,
+    write_metric,
+)
 from lightning_dataeff.curriculum.metrics import (
     BUILTIN_METRICS,
     chunk_tokens,
@@ -41,16 +43,44 @@ from lightning_dataeff.curriculum.metrics import (
     user_values,
 )
 
-__all__ = ["analyze", "merge_analysis", "load_analysis", "MetricAnalysis", "FORMAT_VERSION", "DIFFICULTY_TYPES"]
+__all__ = ["analyze", "merge_analysis"]
 
-FORMAT_VERSION = 1
-DIFFICULTY_TYPES = ("value", "percentile")
 _WORK = "_work"
 _FETCH = 64  # items fetched at a time: ~1 MB for two 1024-token int64 tensors each
-_ARRAYS = ("sample_to_metric", "sorted_samples", "distinct_values", "distinct_offsets", "percentiles")
 
-# Set in the parent before the pool forks, inherited by workers (no pickling of the dataset).
-_JOB: dict[str, Any] = {}
+
+@dataclass
+class _Job:
+    """One analysis: what every pass and every worker process reads."""
+
+    dataset: Any
+    specs: Mapping[str, Any]  # metric name -> built-in name | callable (None for user metrics in a merge)
+    meta: dict  # the settings, written to _work/meta.json and into every header
+    work: str  # the work directory
+    neglogp: np.ndarray | None = field(default=None, repr=False)  # per-process cache of -log p(token)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.meta["chunk_size"]
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.meta["num_samples"] / self.chunk_size)
+
+    @property
+    def needs_rarity(self) -> bool:
+        return any(s in ("vocab_rarity", "seqlen_vocab_rarity") for s in self.specs.values())
+
+    @property
+    def needs_seqlen(self) -> bool:
+        return self.needs_rarity or any(s == "seqlen" for s in self.specs.values())
+
+    @property
+    def counts_path(self) -> str:
+        return os.path.join(self.work, "unigram_counts.npy")
+
+    def chunk_path(self, phase: str, i: int, ext: str = ".npz") -> str:
+        return os.path.join(self.work, f"{phase}-{i:07d}{ext}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +100,7 @@ def analyze(
     num_shards: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
-) -> dict[str, "MetricAnalysis"] | None:
+) -> dict[str, MetricAnalysis] | None:
     """Compute per-sample difficulty metrics of a map-style dataset and write them to ``output_dir``.
 
     Args:
@@ -97,45 +127,22 @@ def analyze(
     n = _check_dataset(dataset)
     workers = _check_workers(num_workers)
     chunk_size = check_int("chunk_size", chunk_size, 1)
-    sharded = shard_id is not None or num_shards is not None
-    if sharded:
-        num_shards = check_int("num_shards", num_shards, 1)
-        if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id must be an integer in [0, num_shards={num_shards}), got {shard_id!r}")
-        if overwrite:
-            raise ValueError("overwrite=True would delete the other shard jobs' work; clear output_dir yourself")
+    sharded = _check_shards(shard_id, num_shards, overwrite)
     counts = _check_vocab_counts(vocab_counts)
     out = os.fspath(output_dir)
-    fingerprint = dataset_fingerprint(dataset, pad_token_id)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "num_samples": n,
-        "dataset_fingerprint": fingerprint,
-        "chunk_size": chunk_size,
-        "pad_token_id": pad_token_id,
-        "metrics": {k: (v if isinstance(v, str) else _callable_name(v)) for k, v in specs.items()},
-        "vocab_counts_sha": None if counts is None else _sha(counts),
-    }
+    meta = _settings(dataset, n, specs, chunk_size, pad_token_id, counts)
     if not sharded and not overwrite and _complete(out, meta):  # headers hold this dataset's fingerprint
         return load_analysis(out, metrics=list(specs))
-    work = os.path.join(out, _WORK)
-    _prepare_work(work, meta, overwrite)
+    job = _Job(dataset, specs, meta, os.path.join(out, _WORK))
+    _prepare_work(job.work, meta, overwrite)
     if counts is not None:
-        _save_atomic(os.path.join(work, "unigram_counts.npy"), counts)
-
-    num_chunks = math.ceil(n / chunk_size)
-    mine = [i for i in range(num_chunks) if not sharded or i % num_shards == shard_id]
-    _JOB.update(dataset=dataset, specs=specs, meta=meta, work=work, neglogp=None)
-    try:
-        with _Workers(workers) as pool:
-            pool.run("map", mine, progress)
-            if _needs_rarity(specs) and os.path.exists(os.path.join(work, "unigram_counts.npy")):
-                pool.run("rarity", mine, progress)
-            if sharded:
-                return None
-            return _finalize(out, work, meta, specs, pool, progress)
-    finally:
-        _JOB.clear()
+        save_atomic(job.counts_path, counts)
+    mine = [i for i in range(job.num_chunks) if not sharded or i % num_shards == shard_id]
+    with _Workers(job, workers) as pool:
+        pool.run("map", mine, progress)
+        if job.needs_rarity and os.path.exists(job.counts_path):
+            pool.run("rarity", mine, progress)
+        return None if sharded else _finalize(out, job, pool, progress)
 
 
 def merge_analysis(
@@ -144,7 +151,7 @@ def merge_analysis(
     *,
     num_workers: int | None = None,
     progress: bool = True,
-) -> dict[str, "MetricAnalysis"]:
+) -> dict[str, MetricAnalysis]:
     """Merge the chunks written by ``shard_id``/``num_shards`` jobs into the final outputs.
 
     Every job's ``_work/`` files must be in ``output_dir/_work/`` (a shared filesystem, or copy them
@@ -166,118 +173,16 @@ def merge_analysis(
             f"merge_analysis: the dataset ({n} samples, fingerprint {fingerprint}) is not the one the jobs "
             f"analyzed ({meta['num_samples']} samples, fingerprint {meta['dataset_fingerprint']})"
         )
-    num_chunks = math.ceil(n / meta["chunk_size"])
-    missing = [i for i in range(num_chunks) if not os.path.exists(_chunk_path(work, "map", i))]
+    specs = {name: spec if spec in BUILTIN_METRICS else None for name, spec in meta["metrics"].items()}
+    job = _Job(dataset, specs, meta, work)
+    missing = [i for i in range(job.num_chunks) if not os.path.exists(job.chunk_path("map", i))]
     if missing:
         raise ValueError(
-            f"merge_analysis: {len(missing)} of {num_chunks} chunks are missing in {work!r} (first: {missing[:8]}); "
-            "run every shard job (shard_id=0..num_shards-1) before merging"
+            f"merge_analysis: {len(missing)} of {job.num_chunks} chunks are missing in {work!r} (first: "
+            f"{missing[:8]}); run every shard job (shard_id=0..num_shards-1) before merging"
         )
-    specs = {name: spec if spec in BUILTIN_METRICS else None for name, spec in meta["metrics"].items()}
-    _JOB.update(dataset=dataset, specs=specs, meta=meta, work=work, neglogp=None)
-    try:
-        with _Workers(_check_workers(num_workers)) as pool:
-            return _finalize(out, work, meta, specs, pool, progress)
-    finally:
-        _JOB.clear()
-
-
-class MetricAnalysis:
-    """One metric's analysis, memory-mapped from ``<output_dir>/<metric>/``."""
-
-    def __init__(self, path: str | os.PathLike, *, mmap: bool = True) -> None:
-        self.path = os.fspath(path)
-        header_path = os.path.join(self.path, "header.json")
-        if not os.path.exists(header_path):
-            raise FileNotFoundError(f"no analysis header at {header_path}; run analyze() first")
-        with open(header_path) as f:
-            self.header: dict[str, Any] = json.load(f)
-        if self.header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{header_path}: format_version {self.header.get('format_version')!r} is not supported "
-                f"(expected {FORMAT_VERSION}); rerun analyze()"
-            )
-        mode = "r" if mmap else None
-        for name in _ARRAYS:
-            setattr(self, name, np.load(os.path.join(self.path, name + ".npy"), mmap_mode=mode))
-        if len(self.sample_to_metric) != self.num_samples:
-            raise ValueError(f"{self.path}: sample_to_metric has {len(self.sample_to_metric)} entries, header says {self.num_samples}")
-
-    sample_to_metric: np.ndarray
-    sorted_samples: np.ndarray
-    distinct_values: np.ndarray
-    distinct_offsets: np.ndarray
-    percentiles: np.ndarray
-
-    @property
-    def name(self) -> str:
-        return self.header["metric"]
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.header["num_samples"])
-
-    def num_admitted(self, difficulty: float, difficulty_type: str = "value") -> int:
-        """How many of the easiest samples are admitted: value <= difficulty, or the easiest difficulty %."""
-        if difficulty_type == "value":
-            return int(self.distinct_offsets[np.searchsorted(self.distinct_values, difficulty, side="right")])
-        if difficulty_type == "percentile":
-            if not 0 <= difficulty <= 100:
-                raise ValueError(f"a percentile difficulty must be in [0, 100], got {difficulty}")
-            return min(self.num_samples, math.ceil(difficulty * self.num_samples / 100 - 1e-9))
-        raise ValueError(f"difficulty_type must be one of {DIFFICULTY_TYPES}, got {difficulty_type!r}")
-
-    def admitted(self, difficulty: float, difficulty_type: str = "value") -> np.ndarray:
-        """Ids of the admitted samples, easiest first (a view of ``sorted_samples``)."""
-        return self.sorted_samples[: self.num_admitted(difficulty, difficulty_type)]
-
-    def __repr__(self) -> str:
-        return (
-            f"MetricAnalysis({self.name!r}, num_samples={self.num_samples}, dtype={self.header['dtype']}, "
-            f"distinct={len(self.distinct_values)})"
-        )
-
-
-def load_analysis(
-    output_dir: str | os.PathLike,
-    dataset: Any = None,
-    metrics: Sequence[str] | None = None,
-    *,
-    pad_token_id: Any = "header",
-) -> dict[str, MetricAnalysis]:
-    """Load ``{metric: MetricAnalysis}`` from ``output_dir`` (all metrics found, or ``metrics``).
-
-    If ``dataset`` is given, its length and fingerprint must match the headers, else ``ValueError``.
-    """
-    out = os.fspath(output_dir)
-    if not os.path.isdir(out):
-        raise FileNotFoundError(f"analysis directory {out!r} does not exist; run analyze() first")
-    found = sorted(d for d in os.listdir(out) if os.path.exists(os.path.join(out, d, "header.json")))
-    if metrics is None:
-        metrics = found
-        if not metrics:
-            raise FileNotFoundError(f"no finished metric analysis under {out!r}; run analyze() first")
-    elif isinstance(metrics, str):
-        metrics = [metrics]
-    result: dict[str, MetricAnalysis] = {}
-    for name in metrics:
-        if name not in found:
-            raise ValueError(f"metric {name!r} has no finished analysis under {out!r} (found: {found})")
-        result[name] = MetricAnalysis(os.path.join(out, name))
-    if dataset is not None:
-        fps: dict[Any, str] = {}
-        n = len(dataset)
-        for name, a in result.items():
-            pad = a.header.get("pad_token_id") if pad_token_id == "header" else pad_token_id
-            if pad not in fps:
-                fps[pad] = dataset_fingerprint(dataset, pad)
-            if n != a.num_samples or fps[pad] != a.header["dataset_fingerprint"]:
-                raise ValueError(
-                    f"analysis {a.path!r} was computed on another dataset: it has {a.num_samples} samples and "
-                    f"fingerprint {a.header['dataset_fingerprint']}, the given dataset has {n} samples and "
-                    f"fingerprint {fps[pad]}; rerun analyze() on this dataset"
-                )
-    return result
+    with _Workers(job, _check_workers(num_workers)) as pool:
+        return _finalize(out, job, pool, progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,26 +223,34 @@ def _sha(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]
 
 
-def _needs_rarity(specs: Mapping[str, Any]) -> bool:
-    return any(s in ("vocab_rarity", "seqlen_vocab_rarity") for s in specs.values())
+def _check_shards(shard_id: Any, num_shards: Any, overwrite: bool) -> bool:
+    """Whether this is a shard job (``shard_id``/``num_shards`` given), validated."""
+    if shard_id is None and num_shards is None:
+        return False
+    num_shards = check_int("num_shards", num_shards, 1)
+    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be an integer in [0, num_shards={num_shards}), got {shard_id!r}")
+    if overwrite:
+        raise ValueError("overwrite=True would delete the other shard jobs' work; clear output_dir yourself")
+    return True
 
 
-def _needs_seqlen(specs: Mapping[str, Any]) -> bool:
-    return _needs_rarity(specs) or any(s == "seqlen" for s in specs.values())
+def _settings(dataset: Any, n: int, specs: Mapping[str, Any], chunk_size: int, pad_token_id: int | None,
+              counts: np.ndarray | None) -> dict:
+    """The settings that identify an analysis (its ``meta.json``, copied into every header)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "num_samples": n,
+        "dataset_fingerprint": dataset_fingerprint(dataset, pad_token_id),
+        "chunk_size": chunk_size,
+        "pad_token_id": pad_token_id,
+        "metrics": {k: (v if isinstance(v, str) else _callable_name(v)) for k, v in specs.items()},
+        "vocab_counts_sha": None if counts is None else _sha(counts),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # work directory and chunks
-
-
-def _chunk_path(work: str, phase: str, i: int, ext: str = ".npz") -> str:
-    return os.path.join(work, f"{phase}-{i:07d}{ext}")
-
-
-def _save_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp{uuid.uuid4().hex[:12]}.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
 
 
 def _savez_atomic(path: str, **arrays: np.ndarray) -> None:
@@ -379,33 +292,37 @@ def _complete(out: str, meta: dict) -> bool:
     return True
 
 
-class _Workers:
-    """A forked process pool, created on first use and shared by every pass of one analysis."""
+#: The job of a worker process (set by :func:`_worker_init` in each forked worker).
+_WORKER_JOB: _Job | None = None
 
-    def __init__(self, workers: int) -> None:
+
+class _Workers:
+    """A forked process pool, created on first use and shared by every pass of one job."""
+
+    def __init__(self, job: _Job, workers: int) -> None:
         if workers > 1 and "fork" not in mp.get_all_start_methods():
             warnings.warn("analyze: the 'fork' start method is unavailable here; running in one process")
             workers = 1
+        self.job = job
         self.workers = workers
         self.pool = None
 
     def run(self, phase: str, chunks: list[int], progress: bool) -> None:
-        work = _JOB["work"]
         ext = ".npz" if phase == "map" else ".npy"
-        todo = [i for i in chunks if not os.path.exists(_chunk_path(work, phase, i, ext))]
+        todo = [i for i in chunks if not os.path.exists(self.job.chunk_path(phase, i, ext))]
         if not todo:
             return
-        fn = _map_chunk if phase == "map" else _rarity_chunk
         bar = _progress(len(chunks), len(chunks) - len(todo), f"analyze ({phase})", progress)
         try:
             if self.workers <= 1 or len(todo) == 1:
                 for i in todo:
-                    fn(i)
+                    _PHASES[phase](self.job, i)
                     bar.update(1)
             else:
-                if self.pool is None:  # workers inherit _JOB (dataset, metric functions) by forking
-                    self.pool = mp.get_context("fork").Pool(self.workers, initializer=_worker_init)
-                for _ in self.pool.imap_unordered(fn, todo):
+                if self.pool is None:  # forked workers get the job (dataset, metric functions) without pickling
+                    self.pool = mp.get_context("fork").Pool(self.workers, initializer=_worker_init,
+                                                            initargs=(self.job,))
+                for _ in self.pool.imap_unordered(_run_in_worker, [(phase, i) for i in todo]):
                     bar.update(1)
         finally:
             bar.close()
@@ -422,11 +339,18 @@ class _Workers:
             self.pool.join()
 
 
-def _worker_init() -> None:
+def _worker_init(job: _Job) -> None:
     """Like DataLoader workers: one intra-op thread per worker (forked OpenMP pools can deadlock)."""
+    global _WORKER_JOB
+    _WORKER_JOB = job
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
+
+
+def _run_in_worker(task: tuple[str, int]) -> int:
+    phase, i = task
+    return _PHASES[phase](_WORKER_JOB, i)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -435,15 +359,15 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, unit="chunk", disable=not enabled)
 
 
-def _chunk_blocks(i: int) -> Iterator[tuple[int, list[Any]]]:
+def _chunk_blocks(job: _Job, i: int) -> Iterator[tuple[int, list[Any]]]:
     """Chunk i's items, ``_FETCH`` at a time: ``(index of the first, items)``.
 
     Small blocks are turned into token arrays and dropped while they are still in the CPU cache;
     holding a whole chunk of items alive costs more than twice as much (fresh memory for each item).
     """
-    meta, ds = _JOB["meta"], _JOB["dataset"]
-    start = i * meta["chunk_size"]
-    end = min(start + meta["chunk_size"], meta["num_samples"])
+    ds = job.dataset
+    start = i * job.chunk_size
+    end = min(start + job.chunk_size, job.meta["num_samples"])
     getitems = getattr(ds, "__getitems__", None)  # batched access (torch / Hugging Face datasets)
     for a in range(start, end, _FETCH):
         b = min(a + _FETCH, end)
@@ -459,9 +383,9 @@ def _chunk_blocks(i: int) -> Iterator[tuple[int, list[Any]]]:
         yield a, items
 
 
-def _chunk_tokens(i: int) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_tokens(job: _Job, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Chunk i's non-padding tokens (concatenated) and per-sample token counts."""
-    parts = [chunk_tokens(items, _JOB["meta"]["pad_token_id"]) for _, items in _chunk_blocks(i)]
+    parts = [chunk_tokens(items, job.meta["pad_token_id"]) for _, items in _chunk_blocks(job, i)]
     return _concat([p[0] for p in parts]), _concat([p[1] for p in parts])
 
 
@@ -478,22 +402,20 @@ def _compact(tokens: np.ndarray, start: int, count: int) -> np.ndarray:
     return tokens.astype(np.uint16) if tokens.max() < 2**16 else tokens
 
 
-def _map_chunk(i: int) -> int:
+def _map_chunk(job: _Job, i: int) -> int:
     """Pass 1 on chunk i: lengths, user metrics and (for vocab rarity) unigram counts.
 
     For vocab rarity the chunk's tokens are also cached (smallest unsigned dtype) so the second pass
     does not read the dataset again; the cache is deleted once the chunk's rarity is written.
     """
-    specs, meta, work = _JOB["specs"], _JOB["meta"], _JOB["work"]
-    start = i * meta["chunk_size"]
-    user = {name: spec for name, spec in specs.items() if callable(spec)}
+    user = {name: spec for name, spec in job.specs.items() if callable(spec)}
     toks: list[np.ndarray] = []
     lens: list[np.ndarray] = []
     values: dict[str, list[np.ndarray]] = {name: [] for name in user}
-    need_seqlen, need_rarity = _needs_seqlen(specs), _needs_rarity(specs)
-    for a, items in _chunk_blocks(i):
+    need_seqlen, need_rarity = job.needs_seqlen, job.needs_rarity
+    for a, items in _chunk_blocks(job, i):
         if need_seqlen:
-            t, n = chunk_tokens(items, meta["pad_token_id"])
+            t, n = chunk_tokens(items, job.meta["pad_token_id"])
             lens.append(n)
             if need_rarity:  # seqlen alone needs only the counts
                 toks.append(_compact(t, a, len(items)))
@@ -505,39 +427,40 @@ def _map_chunk(i: int) -> int:
         if need_rarity:
             cat = _concat(toks)
             c = np.bincount(cat)  # also the largest id: len(c) - 1
-            if meta["vocab_counts_sha"] is None:
+            if job.meta["vocab_counts_sha"] is None:
                 nz = np.flatnonzero(c)
                 arrays["_count_ids"], arrays["_count_values"] = nz, c[nz]
             top = len(c) - 1
             dtype = np.uint16 if top < 2**16 else np.uint32 if top < 2**32 else np.int64
-            _save_atomic(_chunk_path(work, "tokens", i, ".npy"), cat.astype(dtype, copy=False))
-    _savez_atomic(_chunk_path(work, "map", i), **arrays)
+            save_atomic(job.chunk_path("tokens", i, ".npy"), cat.astype(dtype, copy=False))
+    _savez_atomic(job.chunk_path("map", i), **arrays)
     return i
 
 
-def _rarity_chunk(i: int) -> int:
+def _rarity_chunk(job: _Job, i: int) -> int:
     """Pass 2 on chunk i: per-sample sum of -log p(token)."""
-    meta, work = _JOB["meta"], _JOB["work"]
-    if _JOB.get("neglogp") is None:  # once per process (workers fork before the counts exist)
-        _JOB["neglogp"] = _neglogp(np.load(os.path.join(work, "unigram_counts.npy")))
-    neglogp = _JOB["neglogp"]
-    cache = _chunk_path(work, "tokens", i, ".npy")
-    with np.load(_chunk_path(work, "map", i)) as z:
+    if job.neglogp is None:  # once per process (workers fork before the counts exist)
+        job.neglogp = _neglogp(np.load(job.counts_path))
+    cache = job.chunk_path("tokens", i, ".npy")
+    with np.load(job.chunk_path("map", i)) as z:
         lengths = z["_seqlen"]
     if os.path.exists(cache):
         cat = np.load(cache)
     else:  # e.g. a merge on a machine that did not run this chunk's job
-        cat, _ = _chunk_tokens(i)
-    if meta["vocab_counts_sha"] is not None and len(cat) and cat.max() >= len(neglogp):  # user counts
-        start = i * meta["chunk_size"]
+        cat, _ = _chunk_tokens(job, i)
+    if job.meta["vocab_counts_sha"] is not None and len(cat) and cat.max() >= len(job.neglogp):  # user counts
+        start = i * job.chunk_size
         raise ValueError(
             f"token id {int(cat.max())} in samples {start}..{start + len(lengths) - 1} is outside vocab_counts "
-            f"(size {len(neglogp)})"
+            f"(size {len(job.neglogp)})"
         )
-    _save_atomic(_chunk_path(work, "rarity", i, ".npy"), segment_sums(neglogp[cat], lengths))
+    save_atomic(job.chunk_path("rarity", i, ".npy"), segment_sums(job.neglogp[cat], lengths))
     if os.path.exists(cache):
         os.remove(cache)
     return i
+
+
+_PHASES: dict[str, Callable[[_Job, int], int]] = {"map": _map_chunk, "rarity": _rarity_chunk}
 
 
 def _neglogp(counts: np.ndarray) -> np.ndarray:
@@ -545,10 +468,10 @@ def _neglogp(counts: np.ndarray) -> np.ndarray:
     return np.log(counts.sum()) - np.log(np.maximum(counts, 1.0))  # unseen ids count as 1 occurrence
 
 
-def _reduce_counts(work: str, num_chunks: int) -> np.ndarray:
+def _reduce_counts(job: _Job) -> np.ndarray:
     total = np.zeros(0, dtype=np.int64)
-    for i in range(num_chunks):
-        with np.load(_chunk_path(work, "map", i)) as z:
+    for i in range(job.num_chunks):
+        with np.load(job.chunk_path("map", i)) as z:
             ids, vals = z["_count_ids"], z["_count_values"]
         if len(ids) and ids[-1] >= len(total):
             total = np.concatenate([total, np.zeros(int(ids[-1]) + 1 - len(total), np.int64)])
@@ -560,31 +483,13 @@ def _reduce_counts(work: str, num_chunks: int) -> np.ndarray:
 # finalize: gather chunks, write per-metric arrays and headers
 
 
-def _finalize(out: str, work: str, meta: dict, specs: Mapping[str, Any], pool: _Workers,
-              progress: bool) -> dict[str, MetricAnalysis]:
-    n = meta["num_samples"]
-    num_chunks = math.ceil(n / meta["chunk_size"])
-    if _needs_rarity(specs):
-        counts_path = os.path.join(work, "unigram_counts.npy")
-        if not os.path.exists(counts_path):
-            _save_atomic(counts_path, _reduce_counts(work, num_chunks))
-        pool.run("rarity", list(range(num_chunks)), progress)
-
-    columns: dict[str, list[np.ndarray]] = {}
-    for i in range(num_chunks):
-        with np.load(_chunk_path(work, "map", i)) as z:
-            for k in z.files:
-                if not k.startswith("_count"):
-                    columns.setdefault(k, []).append(z[k])
-        if _needs_rarity(specs):
-            columns.setdefault("_rarity", []).append(np.load(_chunk_path(work, "rarity", i, ".npy")))
-    merged = {}
-    for k, parts in columns.items():
-        if any(p.dtype.kind == "f" for p in parts):
-            parts = [p.astype(np.float64) for p in parts]
-        merged[k] = np.concatenate(parts)
-
-    for name, spec in specs.items():
+def _finalize(out: str, job: _Job, pool: _Workers, progress: bool) -> dict[str, MetricAnalysis]:
+    if job.needs_rarity:
+        if not os.path.exists(job.counts_path):
+            save_atomic(job.counts_path, _reduce_counts(job))
+        pool.run("rarity", list(range(job.num_chunks)), progress)
+    merged = _gather_columns(job)
+    for name, spec in job.specs.items():
         if spec == "seqlen":
             values = merged["_seqlen"]
         elif spec == "vocab_rarity":
@@ -593,36 +498,24 @@ def _finalize(out: str, work: str, meta: dict, specs: Mapping[str, Any], pool: _
             values = lexicographic_seqlen_rarity(merged["_seqlen"], merged["_rarity"])
         else:
             values = merged[name]
-        _write_metric(os.path.join(out, name), name, values, meta)
-    shutil.rmtree(work, ignore_errors=True)
-    return load_analysis(out, metrics=list(specs))
+        write_metric(os.path.join(out, name), name, values, job.meta)
+    shutil.rmtree(job.work, ignore_errors=True)
+    return load_analysis(out, metrics=list(job.specs))
 
 
-def _write_metric(path: str, name: str, values: np.ndarray, meta: dict) -> None:
-    os.makedirs(path, exist_ok=True)
-    header_path = os.path.join(path, "header.json")
-    if os.path.exists(header_path):
-        os.remove(header_path)  # the header is written last: it marks a complete metric
-    order = np.argsort(values, kind="stable").astype(np.int64)
-    sorted_values = values[order]
-    distinct, first = np.unique(sorted_values, return_index=True)
-    offsets = np.append(first, len(values)).astype(np.int64)
-    n = len(values)
-    ends = np.maximum(np.ceil(np.arange(101) * n / 100 - 1e-9).astype(np.int64), 1)
-    percentiles = sorted_values[np.minimum(ends, n) - 1]
-    for arr_name, arr in zip(_ARRAYS, (values, order, distinct, offsets, percentiles)):
-        _save_atomic(os.path.join(path, arr_name + ".npy"), arr)
-    header = {
-        "format_version": FORMAT_VERSION,
-        "metric": name,
-        "dtype": str(values.dtype),
-        "num_samples": n,
-        "num_distinct": int(len(distinct)),
-        "dataset_fingerprint": meta["dataset_fingerprint"],
-        "pad_token_id": meta["pad_token_id"],
-        "definition": meta["metrics"][name],
-        "analysis": meta,
-    }
-    with open(header_path + ".tmp", "w") as f:
-        json.dump(header, f, indent=1, sort_keys=True)
-    os.replace(header_path + ".tmp", header_path)
+def _gather_columns(job: _Job) -> dict[str, np.ndarray]:
+    """Every chunk's per-sample columns, concatenated in sample order (float64 when any part is float)."""
+    columns: dict[str, list[np.ndarray]] = {}
+    for i in range(job.num_chunks):
+        with np.load(job.chunk_path("map", i)) as z:
+            for k in z.files:
+                if not k.startswith("_count"):
+                    columns.setdefault(k, []).append(z[k])
+        if job.needs_rarity:
+            columns.setdefault("_rarity", []).append(np.load(job.chunk_path("rarity", i, ".npy")))
+    merged = {}
+    for k, parts in columns.items():
+        if any(p.dtype.kind == "f" for p in parts):
+            parts = [p.astype(np.float64) for p in parts]
+        merged[k] = np.concatenate(parts)
+    return merged

@@ -37,14 +37,21 @@ import torch
 from torch.utils.data import Sampler
 
 from lightning_dataeff._validation import check_int
-from lightning_dataeff.curriculum.analyzer import DIFFICULTY_TYPES, MetricAnalysis, load_analysis
+from lightning_dataeff.curriculum.analysis import DIFFICULTY_TYPES, MetricAnalysis, load_analysis
 from lightning_dataeff.schedules import Schedule, build_schedule
 
 __all__ = ["CurriculumSampler", "MetricRule", "parse_metric_rules", "CLUSTERING_TYPES"]
 
 CLUSTERING_TYPES = ("schedule_based", "single_cluster")
 # Keys of DeepSpeed's per-metric section that we read; the ones we accept but do not need.
-_RULE_KEYS = {"difficulty_type", "clustering_type", "min_difficulty", "max_difficulty", "schedule_type", "schedule_config"}
+_RULE_KEYS = {
+    "difficulty_type",
+    "clustering_type",
+    "min_difficulty",
+    "max_difficulty",
+    "schedule_type",
+    "schedule_config",
+}
 _IGNORED_RULE_KEYS = {"index_to_sample_path", "index_to_metric_path"}
 
 
@@ -222,8 +229,10 @@ class CurriculumSampler(Sampler[list[int]]):
             raise ValueError(f"CurriculumSampler state must be a mapping, got {type(state).__name__}")
         missing = [k for k in ("seed", "position") if k not in state]
         if missing:
-            warnings.warn(f"CurriculumSampler state lacks {missing}: keeping seed={self.seed}, "
-                          f"position={self._start} for them", stacklevel=2)
+            warnings.warn(
+                f"CurriculumSampler state lacks {missing}: keeping seed={self.seed}, position={self._start} for them",
+                stacklevel=2,
+            )
         if "seed" in state:
             self.seed = check_int("CurriculumSampler state 'seed'", state["seed"], 0)
         if "position" in state:
@@ -348,4 +357,3 @@ class CurriculumSampler(Sampler[list[int]]):
             f"CurriculumSampler(num_samples={self.num_samples}, batch_size={self.batch_size}, seed={self.seed}, "
             f"metrics={[r.name for r in self.rules]}, position={self._start})"
         )
-

@@ -9,9 +9,13 @@ import torch
 
 from lightning_dataeff._validation import check_int
 
-__all__ = ["set_batch_sequence_length", "batch_sequence_length", "SEQLEN_MODES"]
+__all__ = ["set_batch_sequence_length", "batch_sequence_length", "SEQLEN_MODES", "SEQLEN_METRICS"]
 
 SEQLEN_MODES = ("truncate", "reshape")
+#: Curriculum metrics that cut every batch to their difficulty instead of filtering samples, and how
+#: (``single_cluster`` metrics of these names): DeepSpeed's ``seqlen_truncate`` / ``seqlen_reshape``, and
+#: ``seqlen`` (truncate) as a shorthand. A ``schedule_based`` ``seqlen`` metric admits samples by length instead.
+SEQLEN_METRICS = {"seqlen": "truncate", "seqlen_truncate": "truncate", "seqlen_reshape": "reshape"}
 _REFERENCE_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
 
 

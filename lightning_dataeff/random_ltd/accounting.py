@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_dataeff._validation import check_int
 
-__all__ = ["count_layer_tokens", "LayerTokenLRScheduler"]
+__all__ = ["TokenCounter", "count_layer_tokens", "LayerTokenLRScheduler"]
 
 _DECAYS = ("cosine", "linear", "constant")
 
 
-def count_layer_tokens(seq_len: int, kept_tokens: int, num_layers: int, num_ltd_layers: int, batch_size: int = 1) -> int:
+@runtime_checkable
+class TokenCounter(Protocol):
+    """Anything that counts the tokens a model consumed: token positions entering it, and token positions
+    processed summed over its transformer blocks (layer-tokens). :class:`RandomLTDState` is one."""
+
+    consumed_tokens: int
+    consumed_layer_tokens: int
+
+
+def count_layer_tokens(
+    seq_len: int, kept_tokens: int, num_layers: int, num_ltd_layers: int, batch_size: int = 1
+) -> int:
     """Layer-tokens of one forward: ``B * (S * (L - K) + min(r, S) * K)`` (K random-LTD layers keeping r)."""
     if num_ltd_layers > num_layers:
         raise ValueError(f"num_ltd_layers ({num_ltd_layers}) must be <= num_layers ({num_layers})")

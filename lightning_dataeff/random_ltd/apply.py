@@ -20,7 +20,16 @@ from lightning_dataeff._validation import check_int
 from .blocks import BlockAdapter, find_blocks, supported_block_names
 from .state import RandomLTDState
 
-__all__ = ["apply_random_ltd", "remove_random_ltd", "random_ltd_state", "resolve_layers"]
+__all__ = [
+    "apply_random_ltd",
+    "remove_random_ltd",
+    "random_ltd_state",
+    "resolve_layers",
+    "check_keep_positions",
+    "FirstBlockHook",
+    "BlockTokenCounter",
+    "count_tokens",
+]
 
 _ATTR = "_random_ltd"  # per-block _BlockInfo, stored in the instance __dict__ (never a parameter or buffer)
 _ROOT_ATTR = "_random_ltd_applied"  # on the model passed to apply_random_ltd
@@ -160,7 +169,7 @@ def _ltd_class(cls: type) -> type:
 
 
 @dataclass
-class _FirstBlockHook:
+class FirstBlockHook:
     """Forward pre-hook on the first block: calls ``on_start(batch_size, seq_len)`` when a training forward
     starts (not a recomputation in backward).
 
@@ -194,7 +203,9 @@ def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
         if isinstance(i, bool) or not isinstance(i, int):
             raise TypeError(f"layers: block index {i!r} is not an integer")
         if not 0 <= i < num_layers:
-            raise IndexError(f"layers: block index {i} is out of range; the model has {num_layers} blocks (0..{num_layers - 1})")
+            raise IndexError(
+                f"layers: block index {i} is out of range; the model has {num_layers} blocks (0..{num_layers - 1})"
+            )
         out.append(i)
     if not out:
         raise ValueError("layers must name at least one block")
@@ -203,7 +214,8 @@ def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
     return sorted(out)
 
 
-def _check_keep_positions(keep_positions: Sequence[int]) -> tuple[int, ...]:
+def check_keep_positions(keep_positions: Sequence[int]) -> tuple[int, ...]:
+    """``keep_positions`` as a tuple of distinct non-negative positions; ``TypeError``/``ValueError`` otherwise."""
     if isinstance(keep_positions, (str, bytes)) or not isinstance(keep_positions, Iterable):
         raise TypeError(f"keep_positions must be a sequence of token positions, got {keep_positions!r}")
     out = tuple(keep_positions)
@@ -248,16 +260,15 @@ def apply_random_ltd(
         raise ValueError("apply_random_ltd: random-LTD is already applied to this model; call remove_random_ltd first")
     seed = check_int("seed", seed)
     if keep_positions is not None:
-        keep_positions = _check_keep_positions(keep_positions)
+        keep_positions = check_keep_positions(keep_positions)
     blocks = find_blocks(model, block_types)
     if not blocks:
-        raise ValueError(
-            f"apply_random_ltd: no transformer block found in {type(model).__name__}. Supported block classes: "
-            f"{', '.join(supported_block_names())}. Add yours with register_block(cls, adapter)."
-        )
+        raise _no_blocks_error(model, "apply_random_ltd: ")
     for name, module, _ in blocks:
         if _ATTR in module.__dict__:
-            raise ValueError(f"apply_random_ltd: block {name!r} is already a random-LTD block (applied on another model)")
+            raise ValueError(
+                f"apply_random_ltd: block {name!r} is already a random-LTD block (applied on another model)"
+            )
     layer_ids = resolve_layers(layers, len(blocks))
     if keep_positions is None:
         keep_positions = tuple(sorted(set().union(*(blocks[i][2].keep_positions for i in layer_ids))))
@@ -272,9 +283,56 @@ def apply_random_ltd(
         patched.append(module)
     _, first, first_adapter = blocks[0]
     base = first.__dict__[_ATTR].base if _ATTR in first.__dict__ else type(first)
-    hook = first.register_forward_pre_hook(_FirstBlockHook(state.begin_forward, first_adapter, base), with_kwargs=True)
+    hook = first.register_forward_pre_hook(FirstBlockHook(state.begin_forward, first_adapter, base), with_kwargs=True)
     model.__dict__[_ROOT_ATTR] = _Applied(state, [b[1] for b in blocks], patched, hook)
     return state
+
+
+def _no_blocks_error(model: nn.Module, who: str) -> ValueError:
+    return ValueError(
+        f"{who}no transformer block found in {type(model).__name__}. Supported block classes: "
+        f"{', '.join(supported_block_names())}. Add yours with register_block(cls, adapter)."
+    )
+
+
+class BlockTokenCounter:
+    """A :class:`~lightning_dataeff.random_ltd.TokenCounter` fed by a hook on a model's first block.
+
+    Every training forward (not a recomputation in backward) adds ``B * S`` tokens and
+    ``B * S * num_layers`` layer-tokens. :meth:`remove` takes the hook off.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = check_int("num_layers", num_layers, 1)
+        self.consumed_tokens = 0
+        self.consumed_layer_tokens = 0
+        self._handle: Any = None
+
+    def __call__(self, batch_size: int, seq_len: int) -> None:
+        self.consumed_tokens += batch_size * seq_len
+        self.consumed_layer_tokens += batch_size * seq_len * self.num_layers
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def count_tokens(
+    model: nn.Module, *, num_layers: int | None = None, block_types: Iterable[type] | None = None
+) -> RandomLTDState | BlockTokenCounter:
+    """The token counter of ``model``: its :class:`RandomLTDState` when random-LTD is applied, else a new
+    :class:`BlockTokenCounter` hooked on its first block (``num_layers`` defaults to the blocks found)."""
+    state = random_ltd_state(model)
+    if state is not None:
+        return state
+    blocks = find_blocks(model, block_types)
+    if not blocks:
+        raise _no_blocks_error(model, "")
+    _, first, adapter = blocks[0]
+    counter = BlockTokenCounter(num_layers or len(blocks))
+    counter._handle = first.register_forward_pre_hook(FirstBlockHook(counter, adapter, type(first)), with_kwargs=True)
+    return counter
 
 
 def random_ltd_state(model: nn.Module) -> RandomLTDState | None:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from triton_kernels import gather_attention_mask, gather_positions, gather_tokens, scatter_tokens
+from lightning_dataeff.kernels import gather_attention_mask, gather_positions, gather_tokens, scatter_tokens
 
 __all__ = [
     "BlockAdapter",

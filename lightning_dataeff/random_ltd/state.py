@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_dataeff._validation import check_int
-from triton_kernels import sample_token_indices
+from lightning_dataeff.kernels import sample_token_indices
 
 from .accounting import count_layer_tokens
 

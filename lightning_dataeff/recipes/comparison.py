@@ -74,7 +74,11 @@ def _machine() -> str:
     import lightning
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     return (
         f"{device}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}"
@@ -106,8 +110,10 @@ def _pair_with_reference(rows: list[dict[str, Any]], curves: list, ref_name: str
 def format_table(rows: list[dict[str, Any]], metric: str, variants: Sequence[str], ref_name: str) -> str:
     """Markdown table, one line per variant (mean ± sample std over seeds; deltas and savings paired by seed)."""
     head = (
-        f"| variant | seeds | steps | tokens (M) | layer-tokens (M) | final val loss | Δ vs {ref_name} (paired) | best val loss "
-        f"| final {metric} | best {metric} | layer-tokens (M) to reach the {ref_name}'s final loss | saving vs {ref_name} "
+        f"| variant | seeds | steps | tokens (M) | layer-tokens (M) | final val loss | Δ vs {ref_name} (paired) "
+        "| best val loss "
+        f"| final {metric} | best {metric} | layer-tokens (M) to reach the {ref_name}'s final loss "
+        f"| saving vs {ref_name} "
         "| wall time (s) |"
     )
     lines = [head, "|" + "---|" * 13]
@@ -133,7 +139,9 @@ def format_table(rows: list[dict[str, Any]], metric: str, variants: Sequence[str
     return "\n".join(lines)
 
 
-def _plot(curves: dict[str, list[list[tuple[int, float, int]]]], path: Path, title: str, ref_loss: float, ref_name: str) -> None:
+def _plot(
+    curves: dict[str, list[list[tuple[int, float, int]]]], path: Path, title: str, ref_loss: float, ref_name: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +246,8 @@ def compare(
         "",
         f"Command: `{command or 'dataeff compare'}`  ",
         f"Measured: {stamp} on {_machine()}  ",
-        f"Budget: {budget:,} layer-tokens per run (dropped tokens are not counted, so data-efficient variants take more "
+        f"Budget: {budget:,} layer-tokens per run (dropped tokens are not counted, so data-efficient variants "
+        "take more "
         f"steps); learning rate decays by consumed layer-tokens; {seeds} seed(s) per variant, mean ± sample std.",
         "",
         table,

@@ -80,7 +80,8 @@ def _train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int
 
     if len(dataset) < batch_size:
         raise RecipeError(
-            f"invalid value for 'data.batch_size': {batch_size} is larger than the training set ({len(dataset)} samples)"
+            f"invalid value for 'data.batch_size': {batch_size} is larger than the training set "
+            f"({len(dataset)} samples)"
         )
     sampler = CurriculumSampler(len(dataset), batch_size, seed=seed)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
@@ -149,7 +150,9 @@ def train_bpe_tokenizer(docs: Sequence[str], vocab_size: int, cache_dir: str | N
     if path.is_file():
         return Tokenizer.from_file(str(path))
     tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(list(docs), vocab_size=vocab_size, min_frequency=2, special_tokens=[_EOS], show_progress=False)
+    tok.train_from_iterator(
+        list(docs), vocab_size=vocab_size, min_frequency=2, special_tokens=[_EOS], show_progress=False
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tok.save(str(tmp))
@@ -169,7 +172,9 @@ class _Encoder:
         else:
             from transformers import AutoTokenizer
 
-            tok = hub_call(f"tokenizer {name!r}", lambda: AutoTokenizer.from_pretrained(name), OFFLINE_RECIPES["causal_lm"])
+            tok = hub_call(
+                f"tokenizer {name!r}", lambda: AutoTokenizer.from_pretrained(name), OFFLINE_RECIPES["causal_lm"]
+            )
             self.eos_id = tok.eos_token_id
             self.vocab_size = len(tok)
             self._encode = lambda texts: tok(list(texts))["input_ids"]
@@ -258,7 +263,6 @@ class TextDataModule(_RecipeDataModule):
         self.train_set, self.val_set = TokenBlocks(train), TokenBlocks(val)
 
 
-
 # --------------------------------------------------------------------------------------------- images
 
 
@@ -276,7 +280,9 @@ def _to_pixels(image: Any, image_size: int, num_channels: int) -> torch.Tensor:
     if x.shape[0] != num_channels:  # gray <-> RGB; extra channels (alpha) dropped
         x = x[:3].mean(0, keepdim=True) if num_channels == 1 else x[:1].expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = torch.nn.functional.interpolate(x[None], size=(image_size, image_size), mode="bilinear", align_corners=False)[0]
+        x = torch.nn.functional.interpolate(
+            x[None], size=(image_size, image_size), mode="bilinear", align_corners=False
+        )[0]
     return (x - 0.5) / 0.5
 
 
@@ -344,7 +350,7 @@ class ImageDataModule(_RecipeDataModule):
             feature = train.features[self.label_field]
             num_labels = getattr(feature, "num_classes", None) or len(set(train[self.label_field]))
             fields = (self.image_field, self.label_field)
-            load = lambda split: (lambda i: tuple(split[i][k] for k in fields))  # noqa: E731  (one decode per item)
+            load = lambda split: lambda i: tuple(split[i][k] for k in fields)  # noqa: E731  (one decode per item)
             if val_split is None:
                 return load(train), len(train), None, 0, num_labels
             return load(train), len(train), load(ds[val_split]), len(ds[val_split]), num_labels
@@ -377,4 +383,3 @@ class ImageDataModule(_RecipeDataModule):
             n_val = min(n_val, self.max_val_samples)
         self.train_set = _Images(n, load, self.image_size, self.num_channels)
         self.val_set = _Images(n_val, val_load, self.image_size, self.num_channels)
-

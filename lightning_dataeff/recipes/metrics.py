@@ -11,13 +11,24 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lightning_dataeff.callbacks import RandomLTD, TokenBudget
+
 __all__ = ["MetricsCSV", "TRAIN_COLUMNS", "read_metrics"]
 
-TRAIN_COLUMNS = ["step", "split", "train_loss", "lr", "seq_len", "kept_tokens", "consumed_tokens", "consumed_layer_tokens"]
+TRAIN_COLUMNS = [
+    "step",
+    "split",
+    "train_loss",
+    "lr",
+    "seq_len",
+    "kept_tokens",
+    "consumed_tokens",
+    "consumed_layer_tokens",
+]
 
 
-def _find(trainer: L.Trainer, class_name: str) -> Any:
-    return next((cb for cb in trainer.callbacks if type(cb).__name__ == class_name), None)
+def _find(trainer: L.Trainer, cls: type) -> Any:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, str]]:
@@ -65,7 +76,9 @@ class MetricsCSV(Callback):
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        kept = [r for r in read_metrics(self.path) if int(r["step"]) <= step] if step > 0 and self.path.is_file() else []
+        kept = (
+            [r for r in read_metrics(self.path) if int(r["step"]) <= step] if step > 0 and self.path.is_file() else []
+        )
         self.rows = kept
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as f:
@@ -76,7 +89,9 @@ class MetricsCSV(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         self._lr = float(optimizer.param_groups[0]["lr"])
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             self._losses.append(float(loss) * trainer.accumulate_grad_batches)
@@ -84,7 +99,7 @@ class MetricsCSV(Callback):
             return
         self._last_step = trainer.global_step
         seq_len = int(getattr(pl_module, "last_seq_len", 0))
-        ltd = _find(trainer, "RandomLTD")
+        ltd = _find(trainer, RandomLTD)
         kept = seq_len
         state = getattr(ltd, "state", None) if ltd is not None else None
         if state is not None:  # the kept length the last forward used (capped by the batch's length)
@@ -117,10 +132,13 @@ class MetricsCSV(Callback):
     # --------------------------------------------------------------------------------------- helpers
     @staticmethod
     def _tokens(trainer: L.Trainer) -> dict[str, int]:
-        budget = _find(trainer, "TokenBudget")
+        budget = _find(trainer, TokenBudget)
         if budget is None:
             return {}
-        return {"consumed_tokens": int(budget.consumed_tokens), "consumed_layer_tokens": int(budget.consumed_layer_tokens)}
+        return {
+            "consumed_tokens": int(budget.consumed_tokens),
+            "consumed_layer_tokens": int(budget.consumed_layer_tokens),
+        }
 
     def _write(self, trainer: L.Trainer, row: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
@@ -147,7 +165,11 @@ class MetricsCSV(Callback):
             metric = lambda r: float(r[self.val_metric]) if r.get(self.val_metric) not in ("", None) else math.nan  # noqa: E731
             best_loss = min(val, key=lambda r: float(r["val_loss"]))
             best_metric = (max if higher else min)(val, key=metric)
-            out["final"] = {"step": int(val[-1]["step"]), "val_loss": float(val[-1]["val_loss"]), self.val_metric: metric(val[-1])}
+            out["final"] = {
+                "step": int(val[-1]["step"]),
+                "val_loss": float(val[-1]["val_loss"]),
+                self.val_metric: metric(val[-1]),
+            }
             out["best"] = {
                 "val_loss": float(best_loss["val_loss"]),
                 "val_loss_step": int(best_loss["step"]),

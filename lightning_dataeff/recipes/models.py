@@ -100,7 +100,7 @@ class RecipeModule(L.LightningModule):
         torch.manual_seed(seed)
 
     def _token_budget(self) -> Any:
-        from lightning_dataeff.callbacks.random_ltd import TokenBudget
+        from lightning_dataeff.callbacks import TokenBudget
 
         found = [cb for cb in self.trainer.callbacks if isinstance(cb, TokenBudget)]
         if not found:
@@ -122,7 +122,9 @@ class RecipeModule(L.LightningModule):
             from lightning_dataeff.random_ltd import LayerTokenLRScheduler
 
             budget = self._token_budget()
-            total = self.total_layer_tokens or int(self.trainer.estimated_stepping_batches) * int(self.layer_tokens_per_step)
+            total = self.total_layer_tokens or int(self.trainer.estimated_stepping_batches) * int(
+                self.layer_tokens_per_step
+            )
             sched = LayerTokenLRScheduler(
                 opt,
                 total_layer_tokens=total,

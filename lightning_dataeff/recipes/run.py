@@ -62,21 +62,31 @@ def build_module(recipe: RecipeConfig, dm: L.LightningDataModule) -> RecipeModul
             vocab_size=dm.vocab_size, n_positions=d.seq_len, bos_token_id=dm.eos_id, eos_token_id=dm.eos_id,
         )
         if model.config.vocab_size < dm.vocab_size:
-            raise RecipeError(f"invalid value for 'model.config.vocab_size': smaller than the tokenizer's {dm.vocab_size}")
+            raise RecipeError(
+                f"invalid value for 'model.config.vocab_size': smaller than the tokenizer's {dm.vocab_size}"
+            )
         per_step = d.batch_size * d.seq_len * count_blocks(model)
         cls, extra = CausalLMModule, {}
     else:
         model = build_hf_model(
-            "image_classification", m.pretrained, m.config,
-            num_labels=dm.num_labels, image_size=d.image_size, num_channels=d.num_channels,
+            "image_classification",
+            m.pretrained,
+            m.config,
+            num_labels=dm.num_labels,
+            image_size=d.image_size,
+            num_channels=d.num_channels,
         )
         tokens = (model.config.image_size // model.config.patch_size) ** 2 + 1
         per_step = d.batch_size * tokens * count_blocks(model)
         cls, extra = ImageClassifierModule, {"num_labels": dm.num_labels}
     accumulate = int(recipe.trainer.get("accumulate_grad_batches", 1) or 1)
     return cls(
-        model, recipe.optim, seed=recipe.seed, layer_tokens_per_step=per_step * accumulate,
-        total_layer_tokens=recipe.budget.max_layer_tokens, **extra,
+        model,
+        recipe.optim,
+        seed=recipe.seed,
+        layer_tokens_per_step=per_step * accumulate,
+        total_layer_tokens=recipe.budget.max_layer_tokens,
+        **extra,
     )
 
 
@@ -112,7 +122,7 @@ def _import_deepspeed(path: str) -> Any:
 
 
 def build_callbacks(recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback] = ()) -> list[Callback]:
-    """The recipe's callbacks (those from a DeepSpeed config replace the same classes) kept for
+    """The recipe's callbacks (those from a DeepSpeed config replace the recipe's of the same method) kept for
     ``recipe.variant``.
 
     A ``CurriculumLearning`` without metrics is added when none is kept: it drives the step-indexed
@@ -122,13 +132,20 @@ def build_callbacks(recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback
 
     callbacks = [_instantiate(s, f"callbacks[{i}]", recipe.seed) for i, s in enumerate(recipe.callbacks)]
     imported = list(deepspeed_callbacks)
-    kinds = {type(cb) for cb in imported}
+    methods = {method_of(cb) for cb in imported} - {None}
     for cb in callbacks:
-        if type(cb) in kinds:
-            warnings.warn(f"{type(cb).__name__} from the recipe is replaced by the DeepSpeed config's", stacklevel=2)
-    callbacks = [cb for cb in callbacks if type(cb) not in kinds] + imported
-    keep = {"baseline": (None,), "curriculum": (None, "curriculum"), "random_ltd": (None, "random_ltd"),
-            "both": (None, "curriculum", "random_ltd")}[recipe.variant]
+        if method_of(cb) in methods:
+            warnings.warn(
+                f"{type(cb).__name__} from the recipe is replaced by the DeepSpeed config's {method_of(cb)} callbacks",
+                stacklevel=2,
+            )
+    callbacks = [cb for cb in callbacks if method_of(cb) not in methods] + imported
+    keep = {
+        "baseline": (None,),
+        "curriculum": (None, "curriculum"),
+        "random_ltd": (None, "random_ltd"),
+        "both": (None, "curriculum", "random_ltd"),
+    }[recipe.variant]
     callbacks = [cb for cb in callbacks if method_of(cb) in keep]
     if not any(isinstance(cb, CurriculumLearning) for cb in callbacks):
         callbacks.insert(0, CurriculumLearning(seed=recipe.seed))
@@ -142,7 +159,9 @@ def _logger(recipe: RecipeConfig, out: Path) -> Any:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise RecipeError("invalid value for 'logger': tensorboard is not installed (pip install tensorboard)") from None
+            raise RecipeError(
+                "invalid value for 'logger': tensorboard is not installed (pip install tensorboard)"
+            ) from None
         from lightning.pytorch.loggers import TensorBoardLogger
 
         return TensorBoardLogger(save_dir=str(out), name="logs", version="")
@@ -181,15 +200,20 @@ def fit(
     ``checkpoint_every_n_steps`` steps and ``last.ckpt``), logs and ``summary.json``. With
     ``recipe.resume`` it continues from ``checkpoints/last.ckpt``.
     """
-    from lightning_dataeff.callbacks.random_ltd import TokenBudget
+    from lightning_dataeff.callbacks import TokenBudget
 
     out = Path(recipe.output_dir)
     ckpt = out / _CHECKPOINT_DIR / "last.ckpt"
-    ends = [recipe.budget.max_layer_tokens, recipe.budget.max_tokens, recipe.trainer.get("max_steps", -1),
-            recipe.trainer.get("max_epochs", -1)]
+    ends = [
+        recipe.budget.max_layer_tokens,
+        recipe.budget.max_tokens,
+        recipe.trainer.get("max_steps", -1),
+        recipe.trainer.get("max_epochs", -1),
+    ]
     if all(v in (None, -1) for v in ends):
         raise RecipeError(
-            "the run has no end: set budget.max_layer_tokens, budget.max_tokens, trainer.max_steps or trainer.max_epochs"
+            "the run has no end: set budget.max_layer_tokens, budget.max_tokens, trainer.max_steps or "
+            "trainer.max_epochs"
         )
     ds_path = deepspeed_config or recipe.from_deepspeed
     imported = _import_deepspeed(ds_path) if ds_path else None
@@ -238,29 +262,22 @@ def fit(
         "task": recipe.task,
         **csv_cb.summary(),
         "budget": {"max_layer_tokens": recipe.budget.max_layer_tokens, "max_tokens": recipe.budget.max_tokens},
-        "stopped_by_budget": _budget_reached(budget),
+        "stopped_by_budget": budget.reached,
     }
     if trainer.is_global_zero:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _budget_reached(budget: Any) -> bool:
-    """Whether the run's ``TokenBudget`` reached one of its limits."""
-    return bool(
-        (budget.max_layer_tokens is not None and budget.consumed_layer_tokens >= budget.max_layer_tokens)
-        or (budget.max_tokens is not None and budget.consumed_tokens >= budget.max_tokens)
-    )
-
-
 def analyze(recipe: RecipeConfig, *, output_dir: str | None = None) -> Any:
     """Run the curriculum data analyzer on the recipe's training set for its curriculum metrics."""
+    from lightning_dataeff.callbacks import CurriculumLearning
     from lightning_dataeff.curriculum import analyze as run_analyzer
 
     metrics: list[str] = []
     analysis_dir = output_dir
-    for spec in recipe.callbacks:
-        if spec.class_path.rsplit(".", 1)[-1] == "CurriculumLearning":
+    for i, spec in enumerate(recipe.callbacks):
+        if issubclass(import_class(spec.class_path, f"callbacks[{i}].class_path"), CurriculumLearning):
             metrics.extend((spec.init_args.get("metrics") or {}).keys())
             analysis_dir = analysis_dir or spec.init_args.get("analysis_dir")
     analysis_dir = analysis_dir or str(Path(recipe.output_dir) / "analysis")
@@ -268,5 +285,8 @@ def analyze(recipe: RecipeConfig, *, output_dir: str | None = None) -> Any:
         raise RecipeError("analyze: the curriculum analyzer measures token sequences; 'task' must be causal_lm")
     dataset = build_datamodule(recipe).analysis_dataset()
     return run_analyzer(
-        dataset, metrics=tuple(metrics) or ("seqlen", "vocab_rarity"), output_dir=analysis_dir, num_workers=recipe.data.num_workers
+        dataset,
+        metrics=tuple(metrics) or ("seqlen", "vocab_rarity"),
+        output_dir=analysis_dir,
+        num_workers=recipe.data.num_workers,
     )

@@ -57,9 +57,17 @@ def main(out):
         analyze(data, ["seqlen"], os.path.join(out, "analysis"), num_workers=0, progress=False)
     model = Model()
     trainer = pl.Trainer(
-        strategy="ddp", devices=2, accelerator="cpu", use_distributed_sampler=False, max_steps=8,
-        accumulate_grad_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[CurriculumLearning(METRICS, seed=11, analysis_dir=os.path.join(out, "analysis"))],
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        max_steps=8,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[CurriculumLearning(METRICS, seed=11, analysis_dir=os.path.join(out, "analysis"))],
     )
     trainer.fit(model, DataLoader(data, batch_sampler=CurriculumSampler(N, 3)))
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:

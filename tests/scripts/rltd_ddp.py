@@ -9,26 +9,23 @@ import json
 import os
 import sys
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
-from lightning_dataeff.callbacks.random_ltd import RandomLTD, TokenBudget
-from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
+from lightning_dataeff.callbacks import RandomLTD, TokenBudget
 
-hf_logging.set_verbosity_error()
-V, S, B = 32, 8, 2
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared tiny models
+from tiny_models import S, V, gpt2  # noqa: E402
+
+B = 2
 
 
 class LM(pl.LightningModule):
     def __init__(self, fsdp: bool):
         super().__init__()
         self.fsdp = fsdp
-        torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=4, n_embd=16, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-        self.model = GPT2LMHeadModel(cfg)
+        self.model = gpt2()
         self.classes: set[str] = set()
 
     def configure_model(self):
@@ -73,7 +70,7 @@ def main() -> None:
     trainer.fit(lm, data)
     rank = trainer.global_rank
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in lm.model.state_dict().items()}
-    state = rltd.state_dict()["state"]
+    state = rltd.state_dict()
     result = {
         "rank": rank,
         "global_step": trainer.global_step,
