@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -32,6 +33,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             "overrides", nargs="*", help="OmegaConf dotted overrides, e.g. optim.lr=3e-4 trainer.max_steps=10"
         )
         p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+        p.add_argument("--verbose", action="store_true",
+                       help="let framework messages through (Lightning tips, model summary, known deprecations)")
         return p
 
     fit = add("fit", "train as the recipe says")
@@ -40,10 +43,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     add("analyze", "run the curriculum data analyzer on the recipe's training set")
     cmp = add("compare", "run baseline / curriculum / random-LTD / both at the same layer-token budget")
-    cmp.add_argument("--variants", help="comma-separated subset of baseline,curriculum,random_ltd,both")
-    cmp.add_argument("--seeds", type=int, help="seeds per variant (mean and spread are reported)")
+    cmp.add_argument("--variants", help="comma-separated subset of the recipe's variants")
+    cmp.add_argument("--seeds", type=int, help="seeds per variant (mean and 95%% confidence interval are reported)")
+    cmp.add_argument("--budgets", help="comma-separated fractions of budget.max_layer_tokens, e.g. 0.5,1")
     cmp.add_argument("--output-dir", help="where comparison.md/.csv/.png go (default <output_dir>/comparison)")
     return parser, commands
+
+
+def _floats(text: str, key: str) -> list[float]:
+    from lightning_dataeff.recipes.config import RecipeError
+
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RecipeError(f"invalid value for '{key}': {text!r} is not a comma-separated list of numbers") from None
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -59,28 +72,32 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         deepspeed_config = args.deepspeed_config
         if deepspeed_config is not None:
-            from pathlib import Path
-
             from lightning_dataeff.recipes.config import RecipeError
 
             if not Path(deepspeed_config).is_file():
                 raise RecipeError(f"invalid value for '--deepspeed-config': file not found: {deepspeed_config}")
-        summary = fit(recipe, deepspeed_config=deepspeed_config)
+        summary = fit(recipe, deepspeed_config=deepspeed_config, verbose=args.verbose)
         final = summary.get("final", {})
         print(
-            f"[dataeff] done: {summary['steps']} steps, {summary['consumed_layer_tokens']:,} layer-tokens, "
-            f"final val_loss {final.get('val_loss', float('nan')):.4f}; outputs in {recipe.output_dir}"
+            f"[dataeff] {recipe.name} ({recipe.variant}): {summary['stop_reason']}; {summary['steps']} steps, "
+            f"{summary['consumed_layer_tokens']:,} layer-tokens, final val_loss "
+            f"{final.get('val_loss', float('nan')):.4f}\n"
+            f"[dataeff] outputs in {recipe.output_dir}/ (metrics.csv, summary.json, checkpoints/, config.yaml)"
         )
     elif args.command == "analyze":
         from lightning_dataeff.recipes.run import analyze
 
-        analyze(recipe)
+        result = analyze(recipe)
+        where = {str(Path(a.path).parent) for a in result.values()}
+        print(f"[dataeff] analysis of {len(result)} metric(s) ({', '.join(result)}) written to {', '.join(where)}/")
     else:
         from lightning_dataeff.recipes.comparison import compare
 
         variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
         command = "dataeff " + " ".join(shlex.quote(a) for a in argv)
-        compare(recipe, variants=variants, seeds=args.seeds, output_dir=args.output_dir, command=command)
+        budgets = _floats(args.budgets, "--budgets") if args.budgets else None
+        compare(recipe, variants=variants, seeds=args.seeds, budgets=budgets, output_dir=args.output_dir,
+                command=command, verbose=args.verbose)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,26 @@ def test_gpt2_tiny_fit_writes_all_outputs(tmp_path, capsys):
     assert (out / "logs" / "metrics.csv").is_file()
 
 
+def test_fit_console_shows_one_bar_the_stop_reason_and_the_outputs_without_framework_noise(tmp_path):
+    """As a user sees it: a subprocess, so Lightning's and transformers' own log handlers write where they would."""
+    out = tmp_path / "run"
+    budget = 6 * 8 * 32 * 4
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_dataeff", "fit", GPT2, *SMALL_GPT2, f"output_dir={out}",
+         f"budget.max_layer_tokens={budget}", "trainer.val_check_interval=3", "logger=none"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    for noise in ("GPU available", "Tip:", "LeafSpec", "loss_type", "weights_only", "| Name", "Trainer.fit stopped"):
+        assert noise not in text, noise
+    assert "max_layer_tokens budget reached at step" in proc.stdout
+    assert f"outputs in {out}/" in proc.stdout
+    bar = proc.stderr.strip().splitlines()[-1]
+    assert bar.startswith("gpt2-tiny 100%|") and "full steps" not in bar  # the bar ends where the budget ends
+
+
 @pytest.mark.slow
 def test_vit_tiny_fit_keeps_cls_and_reports_accuracy(tmp_path):
     out = tmp_path / "vit"
@@ -193,44 +214,40 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_tiny_budget_writes_table_csv_and_plot(tmp_path, capsys):
+def test_compare_budgets_seeds_and_controls_write_table_csv_and_plot(tmp_path, capsys):
     budget = 24 * 8 * 32 * 4  # 24 full-length steps of the small model
-    code = main(
-        [
-            "compare",
-            GPT2,
-            *SMALL_GPT2,
-            *QUIET,
-            f"output_dir={tmp_path}",
-            f"budget.max_layer_tokens={budget}",
-            "trainer.val_check_interval=6",
-            "--variants",
-            "baseline,both",
-            "--seeds",
-            "2",
-            "--output-dir",
-            str(tmp_path / "report"),
-        ]
-    )
+    code = main([
+        "compare", GPT2, *SMALL_GPT2, *QUIET, f"output_dir={tmp_path}", f"budget.max_layer_tokens={budget}",
+        "trainer.val_check_interval=6", "compare.step_matched=[both]", "--variants", "baseline,both",
+        "--seeds", "2", "--budgets", "0.5,1", "--output-dir", str(tmp_path / "report"),
+    ])
     assert code == 0
-    table = capsys.readouterr().out
-    assert "| baseline | 2 |" in table and "| both | 2 |" in table and "±" in table
+    out = capsys.readouterr()
+    table = out.out.splitlines()
+    assert "run 10/10 baseline steps of both b1 seed 1235" in out.out  # 8 runs + 2 step-matched controls
+    head = next(i for i, line in enumerate(table) if line.startswith("variant"))
+    assert [c.strip() for c in table[head].split(" | ")] == ["variant", "loss@0.5", "loss@1", "Δ@1", "saving"]
+    assert all(len(line) <= 120 for line in table[head:])
+    assert any(line.startswith("both ") and "±" in line for line in table[head:])
     with open(tmp_path / "report" / "comparison.csv", newline="") as f:
         runs = list(csv.DictReader(f))
-    assert [(r["variant"], r["seed"]) for r in runs] == [
-        ("baseline", "1234"),
-        ("baseline", "1235"),
-        ("both", "1234"),
-        ("both", "1235"),
+    assert [(r["variant"], r["role"], r["budget"], r["seed"]) for r in runs][:4] == [
+        ("baseline", "main", "0.5", "1234"), ("baseline", "main", "0.5", "1235"),
+        ("baseline", "main", "1.0", "1234"), ("baseline", "main", "1.0", "1235"),
     ]
     per_step = 8 * 32 * 4
-    for r in runs:  # every run stops at the budget, within one step
-        assert budget <= int(r["consumed_layer_tokens"]) < budget + per_step
-    base_steps = {int(r["steps"]) for r in runs if r["variant"] == "baseline"}
-    assert base_steps == {24}
-    assert all(int(r["steps"]) > 24 for r in runs if r["variant"] == "both")  # dropped tokens are not counted
+    for r in runs:  # every run stops at its own budget, within one step
+        b = round(float(r["budget"]) * budget)
+        assert b <= int(r["consumed_layer_tokens"]) < b + per_step, r
+        assert r["stop_reason"].startswith("max_layer_tokens budget reached"), r["stop_reason"]
+    steps = {(r["variant"], r["role"], r["budget"]): int(r["steps"]) for r in runs}
+    assert steps[("baseline", "main", "1.0")] == 24 and steps[("baseline", "main", "0.5")] == 12
+    assert steps[("both", "main", "1.0")] > 24  # dropped tokens are not counted
+    matched = [r for r in runs if r["role"] == "step_matched"]
+    assert len(matched) == 2 and all(int(r["batch_size"]) < 8 for r in matched)  # more steps, same layer-tokens
+    assert all(abs(int(r["steps"]) - steps[("both", "main", "1.0")]) <= 3 for r in matched)
     md = (tmp_path / "report" / "comparison.md").read_text()
-    assert "| variant |" in md and "comparison.png" in md
+    assert "95% CI" in md and "baseline steps of both" in md and "comparison.png" in md
     assert (tmp_path / "report" / "comparison.png").stat().st_size > 1000
 
 
@@ -239,3 +256,7 @@ def test_compare_needs_a_budget(tmp_path, capsys):
     assert "budget.max_layer_tokens" in _one_line_error(capsys)
     assert main(["compare", GPT2, f"output_dir={tmp_path}", "--variants", "baseline,magic"]) == 2
     assert "magic" in _one_line_error(capsys)
+    assert main(["compare", GPT2, f"output_dir={tmp_path}", "--budgets", "0.5,x"]) == 2
+    assert "--budgets" in _one_line_error(capsys)
+    assert main(["compare", GPT2, f"output_dir={tmp_path}", "--budgets", "0,1"]) == 2
+    assert "compare.budgets[0]" in _one_line_error(capsys)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lightning_dataeff.recipes import HubUnavailableError, ImageDataModule, TextDataModule, load_recipe
-from lightning_dataeff.recipes.comparison import _first_reach, _pair_with_reference, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("recipe_env")
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "vit-tiny", "gpt2-finetune", "vit-finetune"])
+@pytest.mark.parametrize("name", ["gpt2-tiny", "vit-tiny", "gpt2-finetune", "vit-finetune", "gpt2-pretrain-stdlib"])
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     assert recipe.name == name and recipe.budget.max_layer_tokens
@@ -136,43 +135,6 @@ def test_hub_tokenizer_error_names_the_offline_recipe(monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(HubUnavailableError, match="tokenizer 'gpt2'.*recipes/gpt2-tiny.yaml"):
         _Encoder("gpt2", ["text"], 300, None)
-
-
-def test_first_reach_pairing_and_table():
-    assert _first_reach([(100, 5.0, 1), (200, 4.0, 2)], 4.0) == 200
-    assert _first_reach([(100, 5.0, 1), (200, 4.0, 2)], 3.0) is None
-    m = 1_000_000
-    runs = {  # (variant, seed): validation curve (layer-tokens, loss, step)
-        ("baseline", 1): [(m, 5.0, 1), (2 * m, 4.0, 2), (3 * m, 3.5, 3)],
-        ("baseline", 2): [(m, 5.2, 1), (2 * m, 4.2, 2), (3 * m, 3.7, 3)],
-        ("random_ltd", 1): [(m, 4.5, 1), (2 * m, 3.4, 2), (3 * m, 3.2, 3)],
-        ("random_ltd", 2): [(m, 4.8, 1), (2 * m, 3.9, 2), (3 * m, 3.8, 3)],
-    }
-    rows = [
-        {
-            "variant": v,
-            "seed": seed,
-            "steps": 3,
-            "consumed_tokens": m,
-            "consumed_layer_tokens": 3 * m,
-            "final_val_loss": c[-1][1],
-            "best_val_loss": min(x[1] for x in c),
-            "final_perplexity": 2.0,
-            "best_perplexity": 2.0,
-            "wall_time_s": 1.0,
-        }
-        for (v, seed), c in runs.items()
-    ]
-    assert _pair_with_reference(rows, list(runs.values()), "baseline") == pytest.approx(3.6)
-    rltd1, rltd2 = rows[2], rows[3]
-    # seed 1 reaches its own baseline's 3.5 at 2M layer-tokens, that baseline itself at 3M: saving 1/3
-    assert rltd1["reach_layer_tokens"] == 2 * m and rltd1["saving"] == pytest.approx(1 / 3)
-    assert rltd1["delta_val_loss"] == pytest.approx(-0.3)
-    assert rltd2["reach_layer_tokens"] is None and rltd2["saving"] is None  # never reaches 3.7
-    table = format_table(rows, "perplexity", ["baseline", "random_ltd"], "baseline").splitlines()
-    assert len(table) == 4
-    assert "| random_ltd | 2 |" in table[3] and "3.5000 ± 0.4243" in table[3] and "-0.1000 ± 0.2828" in table[3]
-    assert "2.000 (1/2 reached)" in table[3] and "+33.3% (1/2 reached)" in table[3]
 
 
 def test_analyze_command_writes_the_analysis(tmp_path):

@@ -152,7 +152,9 @@ class TokenBudget(Callback):
     # helpers ------------------------------------------------------------------------------------------
     def _local_counts(self) -> tuple[int, int]:
         counter = self.counter
-        return (int(counter.consumed_tokens), int(counter.consumed_layer_tokens)) if counter is not None else (0, 0)
+        if counter is None:  # before setup, or after teardown took the hook off: nothing new was counted
+            return self._seen
+        return int(counter.consumed_tokens), int(counter.consumed_layer_tokens)
 
     def _sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Add every process's counts since the last sync to the global counters (one all-reduce under DDP)."""

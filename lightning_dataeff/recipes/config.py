@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -28,12 +29,19 @@ __all__ = [
     "RecipeConfig",
     "TASKS",
     "VARIANTS",
+    "DEFAULT_VARIANTS",
+    "variants_of",
+    "validate_compare",
     "load_recipe",
     "import_class",
 ]
 
 TASKS = ("causal_lm", "image_classification")
 VARIANTS = ("baseline", "curriculum", "random_ltd", "both")
+#: The variants of a recipe that defines none: each lists the callback names (or methods) it keeps.
+DEFAULT_VARIANTS: Dict[str, List[str]] = {
+    "baseline": [], "curriculum": ["curriculum"], "random_ltd": ["random_ltd"], "both": ["curriculum", "random_ltd"],
+}
 LR_SCHEDULES = ("layer_tokens", "steps", "constant")
 LR_DECAYS = ("cosine", "linear", "constant")
 LOGGERS = ("csv", "tensorboard", "none")
@@ -59,7 +67,8 @@ class ModelConfig:
 class DataConfig:
     """Where the data comes from and how it is batched.
 
-    ``source``: ``pydoc_topics`` (stdlib prose), ``digits`` (scikit-learn), ``hf:<name>[:<config>]``
+    ``source``: ``pydoc_topics`` (stdlib prose), ``stdlib_source`` (the standard library's own code, split by
+    file), ``digits`` (scikit-learn), ``hf:<name>[:<config>]``
     (Hugging Face ``datasets``) or a local path (text: a ``.txt`` file or a folder of them; images: a
     folder with one sub-folder per class).
     """
@@ -107,16 +116,27 @@ class BudgetConfig:
 
 @dataclass
 class CallbackSpec:
-    """A callback named the LightningCLI way."""
+    """A callback named the LightningCLI way; ``name`` is how ``variants`` refer to it (default: its method,
+    ``curriculum`` or ``random_ltd``; a callback with neither is kept by every variant)."""
 
     class_path: str = MISSING
     init_args: Dict[str, Any] = field(default_factory=dict)
+    name: Optional[str] = None
 
 
 @dataclass
 class CompareConfig:
-    variants: List[str] = field(default_factory=lambda: list(VARIANTS))
+    """What ``dataeff compare`` runs: ``variants`` x ``budgets`` (fractions of ``budget.max_layer_tokens``, each
+    run's learning rate decaying fully at its own budget) x ``seeds``, plus two controls for the ``baseline``
+    variant: a baseline whose batch size matches the step count of each variant in ``step_matched``, and an
+    ``optim.lr`` sweep (``lr_sweep``: multipliers) at budget 1 whose best value is reported as the baseline."""
+
+    variants: List[str] = field(default_factory=list)  # default: every variant of the recipe
     seeds: int = 1
+    budgets: List[float] = field(default_factory=lambda: [1.0])
+    baseline: str = "baseline"
+    step_matched: List[str] = field(default_factory=list)
+    lr_sweep: List[float] = field(default_factory=list)
     output_dir: Optional[str] = None  # default: <output_dir>/comparison
 
 
@@ -128,6 +148,7 @@ class RecipeConfig:
     output_dir: str = "outputs/${name}"
     resume: bool = False
     variant: str = "both"
+    variants: Dict[str, List[str]] = field(default_factory=dict)  # name -> callback names kept; {}: DEFAULT_VARIANTS
     logger: str = "csv"
     checkpoint_every_n_steps: int = 50
     from_deepspeed: Optional[str] = None
@@ -204,6 +225,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig
     return recipe
 
 
+def variants_of(r: RecipeConfig) -> Dict[str, List[str]]:
+    """The recipe's variants (``DEFAULT_VARIANTS`` when it defines none)."""
+    return dict(r.variants) if r.variants else dict(DEFAULT_VARIANTS)
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise RecipeError(f"invalid value for '{key}': {msg}")
@@ -216,7 +242,8 @@ def _check_choice(value: str, key: str, allowed: Sequence[str]) -> None:
 def validate(r: RecipeConfig, base_dir: Path | None = None) -> None:
     """Range and consistency checks the schema's types cannot express."""
     _check_choice(r.task, "task", TASKS)
-    _check_choice(r.variant, "variant", VARIANTS)
+    variants = variants_of(r)
+    _check_choice(r.variant, "variant", list(variants))
     _check_choice(r.logger, "logger", LOGGERS)
     _check(r.checkpoint_every_n_steps >= 1, "checkpoint_every_n_steps", "must be >= 1")
     _check(bool(r.output_dir), "output_dir", "must not be empty")
@@ -242,11 +269,7 @@ def validate(r: RecipeConfig, base_dir: Path | None = None) -> None:
     b = r.budget
     _check(b.max_layer_tokens is None or b.max_layer_tokens >= 1, "budget.max_layer_tokens", "must be >= 1")
     _check(b.max_tokens is None or b.max_tokens >= 1, "budget.max_tokens", "must be >= 1")
-    c = r.compare
-    _check(c.seeds >= 1, "compare.seeds", "must be >= 1")
-    _check(len(c.variants) >= 1, "compare.variants", "must name at least one variant")
-    for i, v in enumerate(c.variants):
-        _check_choice(v, f"compare.variants[{i}]", VARIANTS)
+    validate_compare(r.compare, variants)
     if r.from_deepspeed is not None:
         ds = Path(r.from_deepspeed)
         if not ds.is_absolute() and base_dir is not None and not ds.is_file():
@@ -257,6 +280,29 @@ def validate(r: RecipeConfig, base_dir: Path | None = None) -> None:
     _validate_trainer(r.trainer)
     for i, spec in enumerate(r.callbacks):
         _validate_callback(spec, f"callbacks[{i}]")
+    if r.variants:  # a recipe's own variants may only name its callbacks (the defaults name methods)
+        names = {s.name for s in r.callbacks if s.name} | {"curriculum", "random_ltd"}
+        for v, kept in r.variants.items():
+            for i, name in enumerate(kept):
+                _check(name in names, f"variants.{v}[{i}]", f"{name!r} names no callback (callbacks' name: "
+                       f"{', '.join(sorted(names))})")
+
+
+def validate_compare(c: CompareConfig, variants: Dict[str, List[str]]) -> None:
+    """Check a comparison's settings (the recipe's ``compare`` section or the command line's)."""
+    _check(c.seeds >= 1, "compare.seeds", "must be >= 1")
+    _check(len(set(c.variants)) == len(c.variants), "compare.variants", "has duplicates")
+    for i, v in enumerate(c.variants):
+        _check_choice(v, f"compare.variants[{i}]", list(variants))
+    _check(len(c.budgets) >= 1, "compare.budgets", "must list at least one budget fraction")
+    for i, b in enumerate(c.budgets):
+        _check(math.isfinite(b) and 0 < b <= 4, f"compare.budgets[{i}]", f"{b} is not a fraction in (0, 4]")
+    _check(len(set(c.budgets)) == len(c.budgets), "compare.budgets", "has duplicates")
+    _check_choice(c.baseline, "compare.baseline", list(variants))
+    for i, v in enumerate(c.step_matched):
+        _check_choice(v, f"compare.step_matched[{i}]", list(variants))
+    for i, m in enumerate(c.lr_sweep):
+        _check(math.isfinite(m) and m > 0, f"compare.lr_sweep[{i}]", f"{m} is not a positive multiplier")
 
 
 # Trainer arguments the recipe layer sets itself.
