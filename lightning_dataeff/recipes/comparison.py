@@ -222,7 +222,8 @@ def _aggregate(rows: list[dict[str, Any]], budgets: Sequence[float], base: str) 
                            "delta": mean_ci(deltas), "steps": mean_ci([r["steps"] for r in rs]),
                            "layer_tokens": mean_ci([r["consumed_layer_tokens"] for r in rs]),
                            "wall": mean_ci([r["wall_time_s"] for r in rs]),
-                           "passes": mean_ci([r["data_passes"] for r in rs])})
+                           "passes": mean_ci([r["data_passes"] for r in rs]),
+                           "metric": mean_ci([_task_metric(r) for r in rs])})
     iso = []
     mains = [lab for lab in labels if lab != best and all(r["role"] == "main" for r in rows if r["label"] == lab)]
     for lab in mains:
@@ -251,6 +252,11 @@ def _aggregate(rows: list[dict[str, Any]], budgets: Sequence[float], base: str) 
     return {"groups": groups, "iso": iso, "controls": controls, "baseline": best, "top": top}
 
 
+def _task_metric(row: dict[str, Any]) -> float | None:
+    """The run's final perplexity or accuracy (whichever the task reports)."""
+    return next((v for k, v in row.items() if k.startswith("final_") and k != "final_val_loss"), None)
+
+
 def _pm(stat: tuple, digits: int = 3, scale: float = 1.0, signed: bool = False, unit: str = "") -> str:
     mean, ci, n = stat
     if mean is None:
@@ -272,12 +278,12 @@ def _iso_text(entry: dict[str, Any], wall: bool = False) -> str:
 def format_markdown_tables(agg: dict[str, Any], metric: str) -> str:
     """The full tables of comparison.md: per-(variant, budget) results, iso-quality savings."""
     lines = ["| variant | budget | seeds | steps | layer-tokens (M) | data passes | final val loss (95% CI) "
-             f"| Δ vs {agg['baseline']} (paired) | wall time (s) |", "|" + "---|" * 9]
+             f"| Δ vs {agg['baseline']} (paired) | final {metric} | wall time (s) |", "|" + "---|" * 10]
     for g in agg["groups"]:
         lines.append("| " + " | ".join([
             g["label"], f"{g['budget']:g}", str(len(g["runs"])), _pm(g["steps"], 0), _pm(g["layer_tokens"], 2, 1e6),
             _pm(g["passes"], 2), _pm(g["loss"], 4), _pm(g["delta"], 4, signed=True) if g["delta"][0] is not None
-            else "—", _pm(g["wall"], 0)]) + " |")
+            else "—", _pm(g["metric"], 3), _pm(g["wall"], 0)]) + " |")
     lines += ["", f"| variant | layer-token saving to reach {agg['baseline']}'s final loss at budget {agg['top']:g} "
               "| wall-time saving |", "|---|---|---|"]
     for e in agg["iso"]:
