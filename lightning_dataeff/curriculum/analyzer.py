@@ -186,8 +186,8 @@ def analyze(
     job = _new_job(dataset, specs, os.fspath(output_dir), chunk_size, pad_token_id, counts)
     if world is not None:
         return _analyze_rank(job, counts, workers, overwrite, progress, *world)
-    if not sharded and not overwrite and _reusable(job):
-        return load_analysis(job.out, metrics=list(specs), checksums=False)  # _reusable checked them
+    if not sharded and not overwrite and (done := _reuse(job)) is not None:
+        return done
     _start(job, counts, overwrite)
     with _Workers(job, workers) as pool:
         mine = job.chunks(shard_id, num_shards)
@@ -377,21 +377,21 @@ def _start(job: _Job, counts: np.ndarray | None, overwrite: bool) -> None:
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
-        if old == meta and not overwrite:
-            return  # resume
-        if not overwrite:
+        if old != meta and not overwrite:
             diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise ValueError(
                 f"{work!r} holds an unfinished analysis with other settings (differs in {diff}); "
                 "pass overwrite=True to discard it or choose another output_dir"
             )
-        shutil.rmtree(work)
-    os.makedirs(work, exist_ok=True)
-    tmp = temporary_path(meta_path)  # shard jobs may write it concurrently
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(tmp, meta_path)
-    if counts is not None:
+        if overwrite:
+            shutil.rmtree(work)
+    if not os.path.exists(meta_path):
+        os.makedirs(work, exist_ok=True)
+        tmp = temporary_path(meta_path)  # shard jobs may write it concurrently
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        os.replace(tmp, meta_path)
+    if counts is not None and not os.path.exists(job.counts_path):
         save_atomic(job.counts_path, counts)
 
 
@@ -407,17 +407,17 @@ def _complete(job: _Job) -> bool:
     return True
 
 
-def _reusable(job: _Job) -> bool:
-    """Whether a complete analysis with these settings is there and passes its checks (checksums too)."""
+def _reuse(job: _Job) -> dict[str, MetricAnalysis] | None:
+    """A complete analysis with these settings that passes its checks (checksums too), or None."""
     if not _complete(job):
-        return False
+        return None
     try:
-        load_analysis(job.out, metrics=list(job.specs))
+        result = load_analysis(job.out, metrics=list(job.specs))
     except AnalysisError as e:
         warnings.warn(f"analyze: {e.path} is damaged; recomputing the analysis", stacklevel=3)
-        return False
+        return None
     shutil.rmtree(job.work, ignore_errors=True)  # left by a run killed while it cleaned up
-    return True
+    return result
 
 
 def _save_counts(job: _Job) -> None:
@@ -522,7 +522,7 @@ def _analyze_rank(job: _Job, counts: np.ndarray | None, workers: int, overwrite:
     ranks = _Ranks(rank, world)
     show = progress and rank == 0
     try:
-        if not ranks.step(lambda: not overwrite and _reusable(job), on=0):
+        if not ranks.step(lambda: not overwrite and _reuse(job) is not None, on=0):
             ranks.step(lambda: _start(job, counts, overwrite), on=0)
             ranks.step(lambda: _join(job, counts, rank))
             ranks.step(lambda: _check_shared(job, world), on=0)
