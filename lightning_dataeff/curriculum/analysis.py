@@ -257,7 +257,7 @@ def _load_array(directory: str, name: str, spec: Any, mmap: bool, checksums: boo
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
-        raise AnalysisError(path, f"is not a readable .npy file ({e})") from None
+        raise AnalysisError(path, f"is not a readable .npy file ({' '.join(str(e).split())})") from None
     if arr.dtype.str != spec["dtype"] or list(arr.shape) != spec["shape"]:
         raise AnalysisError(path, f"holds {arr.dtype.str} {list(arr.shape)}, header.json says "
                                   f"{spec['dtype']} {spec['shape']}")
