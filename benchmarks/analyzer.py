@@ -1,20 +1,32 @@
-"""Data analyzer throughput: lightning_dataeff.curriculum.analyze vs DeepSpeed's DataAnalyzer.
+"""Data analyzer throughput: lightning_dataeff.curriculum.analyze on three dataset forms vs DeepSpeed's DataAnalyzer.
 
-Both compute ``seqlen`` and ``vocab_rarity`` (unigram counts first, then per-sample sum of -log p)
-over the same generated corpus (Zipf token ids, GPT-2 vocabulary size, lengths uniform in
-[64, seq_len], padded dict items with an attention mask), with the same number of processes.
-DeepSpeed is run in a subprocess with another interpreter (``--deepspeed-python``, a venv where
-``DS_BUILD_OPS=0 pip install deepspeed`` worked); its metrics are integers only, so its vocab rarity
-is the rounded sum. Its two passes are two DataAnalyzer map+reduce runs, as in its examples.
+One generated corpus (Zipf token ids, GPT-2 vocabulary size, lengths uniform in [64, seq_len]) in three forms:
 
-    python benchmarks/analyzer.py --num-samples 200000 --workers 1 2
-Writes benchmarks/results/analyzer-cpu.{csv,png,md}.
+* ``padded items``: a torch Dataset of dicts (input_ids, attention_mask) over a padded token matrix, the
+  per-item path and DeepSpeed's best case (its vectorized metric functions see stacked batches);
+* ``HF Arrow``: a memory-mapped Hugging Face ``datasets.Dataset`` (``Dataset.from_file`` on an Arrow
+  stream of 1000-row record batches, ``input_ids`` int32 and ``attention_mask`` int8 lists, as
+  ``datasets.map`` with a tokenizer writes it), read zero-copy;
+* ``token memmap``: a flat uint16 token file plus document offsets (:class:`FlatTokens`), the
+  Megatron-style form.
+
+Every run computes ``seqlen`` and ``vocab_rarity`` (unigram counts first, then per-sample sum of -log p),
+with the same number of processes. The three forms must give byte-identical outputs (checked). DeepSpeed
+runs in a subprocess (``--deepspeed-python``, an interpreter where ``DS_BUILD_OPS=0 pip install deepspeed``
+worked; default: this one if it imports deepspeed); its metrics are integers only, so its vocab rarity is
+the rounded sum. Its two passes are two DataAnalyzer map+reduce runs, as in its examples.
+
+    python benchmarks/analyzer.py                 # 200k samples x 1024 tokens, 1 process, 3 interleaved runs
+    python benchmarks/analyzer.py --workers 1 2
+    python benchmarks/analyzer.py --smoke         # tiny corpus, writes to benchmarks/results/smoke/
+Writes analyzer-cpu.{csv,png,md} under --out (default benchmarks/results).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -29,13 +41,15 @@ import numpy as np
 import torch
 
 VOCAB = 50257
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FORMS = ("padded items", "HF Arrow", "token memmap")
 
 
 class Corpus(torch.utils.data.Dataset):
     """Memory-mapped padded token matrix; items are dicts (input_ids, attention_mask)."""
 
     def __init__(self, path: str) -> None:
-        self.tokens = np.load(os.path.join(path, "tokens.npy"), mmap_mode="r")
+        self.tokens = np.load(os.path.join(path, "padded.npy"), mmap_mode="r")
         self.lengths = np.load(os.path.join(path, "lengths.npy"))
         self.seq_len = self.tokens.shape[1]
         self.arange = np.arange(self.seq_len)
@@ -49,14 +63,47 @@ class Corpus(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": mask}
 
 
-def make_corpus(path: str, num_samples: int, seq_len: int, seed: int = 0) -> None:
+def make_corpus(path: str, num_samples: int, seq_len: int, seed: int = 0) -> int:
+    """Write the three forms of one corpus under ``path``; returns the number of tokens."""
+    import pyarrow as pa
+
     rng = np.random.default_rng(seed)
-    tokens = np.lib.format.open_memmap(os.path.join(path, "tokens.npy"), "w+", np.uint16, (num_samples, seq_len))
-    for start in range(0, num_samples, 10000):
-        end = min(start + 10000, num_samples)
-        tokens[start:end] = np.minimum(rng.zipf(1.2, (end - start, seq_len)) - 1, VOCAB - 1)
-    tokens.flush()
-    np.save(os.path.join(path, "lengths.npy"), rng.integers(64, seq_len + 1, num_samples))
+    lengths = rng.integers(64, seq_len + 1, num_samples)
+    np.save(os.path.join(path, "lengths.npy"), lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    np.save(os.path.join(path, "offsets.npy"), offsets)
+    flat = np.lib.format.open_memmap(os.path.join(path, "flat.npy"), "w+", np.uint16, (int(offsets[-1]),))
+    padded = np.lib.format.open_memmap(os.path.join(path, "padded.npy"), "w+", np.uint16, (num_samples, seq_len))
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8()))])
+    with pa.OSFile(os.path.join(path, "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, num_samples, 1000):
+            end = min(start + 1000, num_samples)
+            block = np.minimum(rng.zipf(1.2, (end - start, seq_len)) - 1, VOCAB - 1).astype(np.uint16)
+            keep = np.arange(seq_len) < lengths[start:end, None]
+            padded[start:end] = block * keep
+            values = block[keep]
+            flat[offsets[start] : offsets[end]] = values
+            rel = (offsets[start : end + 1] - offsets[start]).astype(np.int32)
+            writer.write_batch(pa.record_batch([
+                pa.ListArray.from_arrays(pa.array(rel), pa.array(values.astype(np.int32))),
+                pa.ListArray.from_arrays(pa.array(rel), pa.array(np.ones(len(values), np.int8))),
+            ], schema=schema))
+    flat.flush()
+    padded.flush()
+    return int(offsets[-1])
+
+
+def open_form(corpus: str, form: str):
+    if form == "padded items":
+        return Corpus(corpus)
+    if form == "HF Arrow":
+        import datasets
+
+        return datasets.Dataset.from_file(os.path.join(corpus, "data.arrow"))
+    from lightning_dataeff.curriculum import FlatTokens
+
+    return FlatTokens(np.load(os.path.join(corpus, "flat.npy"), mmap_mode="r"),
+                      np.load(os.path.join(corpus, "offsets.npy")))
 
 
 def cpu_seconds() -> float:
@@ -74,8 +121,8 @@ def dir_stats(path: str) -> tuple[int, int]:
     return count, size
 
 
-def read_floor(corpus: str) -> float:
-    """Seconds to fetch every item once in one process: what any analyzer pays at least."""
+def read_floor(corpus: str) -> tuple[float, float]:
+    """Seconds to fetch every padded item once in one process: what the per-item path pays at least."""
     ds = Corpus(corpus)
     c0, t0 = cpu_seconds(), time.perf_counter()
     for i in range(len(ds)):
@@ -83,22 +130,24 @@ def read_floor(corpus: str) -> float:
     return time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def run_ours(corpus: str, workers: int, out: str) -> dict:
+def run_ours(corpus: str, form: str, workers: int, out: str) -> dict:
     from lightning_dataeff.curriculum import analyze
 
     torch.set_num_threads(1)  # one core per process, as DeepSpeed's worker processes
-    ds = Corpus(corpus)
+    ds = open_form(corpus, form)
     c0, t0 = cpu_seconds(), time.perf_counter()
     res = analyze(ds, ["seqlen", "vocab_rarity"], out, num_workers=workers, progress=False)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     files, size = dir_stats(out)
+    sha = {m: json.load(open(os.path.join(out, m, "header.json")))["files"] for m in ("seqlen", "vocab_rarity")}
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
         "files": files,
         "bytes": size,
-        "seqlen": np.asarray(res["seqlen"].sample_to_metric),
-        "rarity": np.asarray(res["vocab_rarity"].sample_to_metric),
+        "seqlen": np.array(res["seqlen"].sample_to_metric),
+        "rarity": np.array(res["vocab_rarity"].sample_to_metric),
+        "outputs": json.dumps(sha, sort_keys=True),  # sizes and sha256 of every output file
     }
 
 
@@ -184,165 +233,186 @@ def run_deepspeed(python: str, corpus: str, workers: int, out: str) -> dict | No
     return res
 
 
+def default_deepspeed_python() -> str:
+    return sys.executable if importlib.util.find_spec("deepspeed") is not None else ""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-samples", type=int, default=200_000)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--workers", type=int, nargs="+", default=[1])
+    p.add_argument("--deepspeed-python", default=None,
+                   help="interpreter with deepspeed installed (default: this one if it has deepspeed; '' to skip)")
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results, or .../smoke)")
+    p.add_argument("--tmp", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per tool, form and process count, interleaved; the fastest is kept (shared machines)")
+    p.add_argument("--smoke", action="store_true", help="2000 samples x 128 tokens, one run, results in .../smoke")
+    args = p.parse_args()
+    if args.smoke:
+        args.num_samples, args.seq_len, args.repeats = 2000, 128, 1
+    args.out = args.out or (os.path.join(RESULTS, "smoke") if args.smoke else RESULTS)
+    if args.deepspeed_python is None:
+        args.deepspeed_python = default_deepspeed_python()
+    return args
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--deepspeed-worker":
         deepspeed_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-samples", type=int, default=200_000)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument(
-        "--deepspeed-python",
-        default="/work/venv-ds/bin/python",
-        help="interpreter with deepspeed installed ('' to skip DeepSpeed)",
-    )
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--tmp", default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="runs per tool and process count, interleaved; the fastest is kept (shared, noisy machines)",
-    )
-    args = p.parse_args()
-
+    args = parse_args()
     args.load_before, args.loads = os.getloadavg()[0], []
     tmp = tempfile.mkdtemp(dir=args.tmp)
     corpus = os.path.join(tmp, "corpus")
     os.makedirs(corpus)
     t0 = time.perf_counter()
-    make_corpus(corpus, args.num_samples, args.seq_len)
-    print(f"corpus: {args.num_samples} samples x {args.seq_len} tokens ({time.perf_counter() - t0:.1f} s to generate)")
+    args.tokens = make_corpus(corpus, args.num_samples, args.seq_len)
+    print(f"corpus: {args.num_samples} samples, {args.tokens} tokens, in 3 forms "
+          f"({time.perf_counter() - t0:.1f} s to generate)")
     use_ds = bool(args.deepspeed_python) and os.path.exists(args.deepspeed_python)
-    rows = []
     try:
-        floor, floor_cpu = read_floor(corpus)
-        print(f"reading every item once (the floor for any analyzer): {args.num_samples / floor:.0f} samples/s")
-        rows.append(
-            {
-                "tool": "read items only",
-                "workers": 1,
-                "seconds": floor,
-                "cpu_seconds": floor_cpu,
-                "files": 0,
-                "bytes": 0,
-            }
-        )
-        for w in args.workers:
-            best: dict[str, dict] = {}
-            for rep in range(args.repeats):
-                runs = {"lightning_dataeff": lambda: run_ours(corpus, w, os.path.join(tmp, "ours"))}
-                if use_ds:
-                    runs["deepspeed"] = lambda: run_deepspeed(args.deepspeed_python, corpus, w, os.path.join(tmp, "ds"))
-                for tool, fn in runs.items():
-                    res = fn()
-                    shutil.rmtree(
-                        os.path.join(tmp, "ours" if tool == "lightning_dataeff" else "ds"), ignore_errors=True
-                    )
-                    if res is None:
-                        continue
-                    print(
-                        f"{tool:18s} processes={w} run {rep + 1}: {args.num_samples / res['seconds']:8.0f} samples/s  "
-                        f"{args.num_samples / res['cpu_seconds']:8.0f} samples/CPU-s  load {os.getloadavg()[0]:.1f}  "
-                        f"{res['files']} files  {res['bytes'] / 1e6:.1f} MB"
-                    )
-                    args.loads.append(os.getloadavg()[0])
-                    cpu = min(res["cpu_seconds"], best[tool]["cpu_seconds"]) if tool in best else res["cpu_seconds"]
-                    if tool not in best or res["seconds"] < best[tool]["seconds"]:
-                        best[tool] = res
-                    best[tool]["cpu_seconds"] = cpu  # fastest wall time and least CPU time, each over the runs
-            if "deepspeed" in best:
-                ours, ds = best["lightning_dataeff"], best["deepspeed"]
-                print(
-                    f"  seqlen equal: {np.array_equal(ds['seqlen'], ours['seqlen'])}, max |vocab_rarity diff| "
-                    f"{np.abs(ds['rarity'] - ours['rarity']).max():.2f} (DeepSpeed rounds to integers)"
-                )
-            for tool, res in best.items():
-                rows.append(
-                    {"tool": tool, "workers": w, **{k: res[k] for k in ("seconds", "cpu_seconds", "files", "bytes")}}
-                )
+        rows = measure(args, corpus, tmp, use_ds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for r in rows:
-        r["samples"] = args.num_samples
+        r["samples"], r["tokens"] = args.num_samples, args.tokens
         r["samples_per_s"] = args.num_samples / r["seconds"]
+        r["tokens_per_s"] = args.tokens / r["seconds"]
         r["samples_per_cpu_s"] = args.num_samples / r["cpu_seconds"]
     write_results(rows, args)
+
+
+def measure(args: argparse.Namespace, corpus: str, tmp: str, use_ds: bool) -> list[dict]:
+    floor, floor_cpu = read_floor(corpus)
+    print(f"fetching every padded item once (the per-item path's floor): {args.num_samples / floor:.0f} samples/s")
+    rows = [{"tool": "read items only", "form": "padded items", "workers": 1, "seconds": floor,
+             "cpu_seconds": floor_cpu, "files": 0, "bytes": 0}]
+    for w in args.workers:
+        runs = {("lightning_dataeff", form): (lambda form=form: run_ours(corpus, form, w, os.path.join(tmp, "out")))
+                for form in FORMS}
+        if use_ds:
+            runs[("deepspeed", "padded items")] = lambda: run_deepspeed(args.deepspeed_python, corpus, w,
+                                                                        os.path.join(tmp, "out"))
+        best: dict[tuple, dict] = {}
+        speeds: dict[tuple, list[float]] = {key: [] for key in runs}
+        for rep in range(args.repeats):
+            for key, fn in runs.items():
+                res = fn()
+                shutil.rmtree(os.path.join(tmp, "out"), ignore_errors=True)
+                if res is None:
+                    continue
+                load = os.getloadavg()[0]
+                args.loads.append(load)
+                speeds[key].append(args.num_samples / res["seconds"])
+                print(f"{key[0]:18s} {key[1]:13s} processes={w} run {rep + 1}: {speeds[key][-1]:9.0f} samples/s "
+                      f"{args.num_samples / res['cpu_seconds']:9.0f} samples/CPU-s  load {load:.1f}  "
+                      f"{res['files']} files  {res['bytes'] / 1e6:.1f} MB")
+                if key in best:  # fastest wall time and least CPU time, each over the runs
+                    res["cpu_seconds"] = min(res["cpu_seconds"], best[key]["cpu_seconds"])
+                    if res["seconds"] >= best[key]["seconds"]:
+                        best[key]["cpu_seconds"] = res["cpu_seconds"]
+                        continue
+                best[key] = res
+        check_outputs(best)
+        for (tool, form), res in best.items():
+            rows.append({"tool": tool, "form": form, "workers": w, "runs": speeds[(tool, form)],
+                         **{k: res[k] for k in ("seconds", "cpu_seconds", "files", "bytes")}})
+    return rows
+
+
+def check_outputs(best: dict[tuple, dict]) -> None:
+    ours = [best[("lightning_dataeff", form)] for form in FORMS if ("lightning_dataeff", form) in best]
+    if len({r["outputs"] for r in ours}) != 1:
+        raise SystemExit("the three dataset forms wrote different analyses: a fast path is wrong")
+    print(f"  {len(ours)} dataset forms: byte-identical outputs (sha256 of every file)")
+    ds = best.get(("deepspeed", "padded items"))
+    if ds is not None:
+        print(f"  DeepSpeed: seqlen equal: {np.array_equal(ds['seqlen'], ours[0]['seqlen'])}, max |vocab_rarity "
+              f"diff| {np.abs(ds['rarity'] - ours[0]['rarity']).max():.2f} (DeepSpeed rounds to integers)")
+
+
+def machine() -> str:
+    import datasets
+    import pyarrow
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, pyarrow "
+            f"{pyarrow.__version__}, datasets {datasets.__version__}")
 
 
 def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__}"
-    )
-    fields = [
-        "tool",
-        "workers",
-        "samples",
-        "seconds",
-        "samples_per_s",
-        "cpu_seconds",
-        "samples_per_cpu_s",
-        "files",
-        "bytes",
-    ]
+    ds_rows = {r["workers"]: r for r in rows if r["tool"] == "deepspeed"}
+    for r in rows:
+        ds = ds_rows.get(r["workers"]) if r["tool"] == "lightning_dataeff" else None
+        r["speedup_vs_deepspeed"] = r["samples_per_s"] / ds["samples_per_s"] if ds else ""
+        r["speedup_vs_deepspeed_cpu"] = r["samples_per_cpu_s"] / ds["samples_per_cpu_s"] if ds else ""
+        r["runs_samples_per_s"] = " ".join(f"{x:.0f}" for x in r.get("runs", []))
+        # run k against DeepSpeed's run k (interleaved, so under about the same load)
+        r["run_speedups"] = " ".join(f"{a / b:.1f}" for a, b in zip(r["runs"], ds["runs"])) if ds else ""
+    fields = ["tool", "form", "workers", "samples", "tokens", "seconds", "samples_per_s", "tokens_per_s",
+              "cpu_seconds", "samples_per_cpu_s", "files", "bytes", "speedup_vs_deepspeed",
+              "speedup_vs_deepspeed_cpu", "runs_samples_per_s", "run_speedups"]
     with open(os.path.join(args.out, "analyzer-cpu.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(r[k], 3) if isinstance(r[k], float) else r[k]) for k in fields})
-    speed = {(r["tool"], r["workers"]): r["samples_per_s"] for r in rows}
-    cpu_speed = {(r["tool"], r["workers"]): r["samples_per_cpu_s"] for r in rows}
     lines = [
         "# Data analyzer throughput (CPU)\n",
-        f"{args.num_samples} samples x {args.seq_len} tokens (lengths uniform in [64, {args.seq_len}]), "
-        "metrics seqlen + "
-        f"vocab_rarity (two passes). Best of {args.repeats} interleaved runs per row. {stamp}; {machine}; "
-        f"1-minute load average {args.load_before:.1f} before the runs, {min(args.loads, default=0):.1f} to "
-        f"{max(args.loads, default=0):.1f} after each run (a machine shared with other jobs: "
-        f"with {os.cpu_count()} cores "
-        "and a load above that, extra processes cannot speed anything up). Samples per CPU-second (CPU time of all "
-        "the tool's processes, least over the runs) depends less on the other jobs than wall time, though shared "
-        "caches and memory bandwidth still move it by 20-30% from run to run.\n",
-        "| tool | processes | samples/s | seconds | samples/CPU-s | output files | output MB | speedup vs DeepSpeed "
-        "(wall) | speedup vs DeepSpeed (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{args.num_samples} samples, {args.tokens} tokens (lengths uniform in [64, {args.seq_len}]), metrics "
+        f"seqlen + vocab_rarity (two passes). Best of {args.repeats} interleaved runs per row (all runs in the last "
+        f"column). {stamp}; {machine()}; 1-minute load average {args.load_before:.1f} before the runs, "
+        f"{min(args.loads, default=0):.1f} to {max(args.loads, default=0):.1f} after each run (a machine shared "
+        "with other jobs). The three forms wrote byte-identical analyses. Samples per CPU-second (CPU time of all "
+        "the tool's processes, least over the runs) depends less on the other jobs than wall time.\n",
+        "| tool | dataset form | processes | samples/s | tokens/s | seconds | samples/CPU-s | output files | "
+        "output MB | vs DeepSpeed (wall) | vs DeepSpeed (CPU) | runs (samples/s) | run k vs DeepSpeed's run k |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ds = speed.get(("deepspeed", r["workers"]))
-        ds_cpu = cpu_speed.get(("deepspeed", r["workers"]))
-        ours = ds and r["tool"] == "lightning_dataeff"
-        up = f"{r['samples_per_s'] / ds:.1f}x | {r['samples_per_cpu_s'] / ds_cpu:.1f}x" if ours else " | "
+        up = f"{r['speedup_vs_deepspeed']:.1f}x" if r["speedup_vs_deepspeed"] != "" else ""
+        up_cpu = f"{r['speedup_vs_deepspeed_cpu']:.1f}x" if r["speedup_vs_deepspeed_cpu"] != "" else ""
         lines.append(
-            f"| {r['tool']} | {r['workers']} | {r['samples_per_s']:.0f} | {r['seconds']:.1f} | "
-            f"{r['samples_per_cpu_s']:.0f} | {r['files']} | {r['bytes'] / 1e6:.1f} | {up} |"
+            f"| {r['tool']} | {r['form']} | {r['workers']} | {r['samples_per_s']:.0f} | {r['tokens_per_s'] / 1e6:.1f}M "
+            f"| {r['seconds']:.2f} | {r['samples_per_cpu_s']:.0f} | {r['files']} | {r['bytes'] / 1e6:.1f} | {up} | "
+            f"{up_cpu} | {r['runs_samples_per_s']} | {r['run_speedups']} |"
         )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "analyzer-cpu.md"), "w") as f:
         f.write(text)
     print(text)
+    plot(rows, args)
+
+
+def plot(rows: list[dict], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    tools = [t for t in ("lightning_dataeff", "deepspeed") if any(r["tool"] == t for r in rows)]
-    workers = sorted({r["workers"] for r in rows})
-    width = 0.8 / len(tools)
-    for i, tool in enumerate(tools):
-        ax.bar(
-            [x + i * width for x in range(len(workers))], [speed.get((tool, w), 0) for w in workers], width, label=tool
-        )
-    ax.set_xticks(
-        [x + width * (len(tools) - 1) / 2 for x in range(len(workers))], [f"{w} process(es)" for w in workers]
-    )
-    ax.set_ylabel("samples / s")
-    ax.set_title(f"analyze seqlen + vocab_rarity, {args.num_samples} x {args.seq_len} tokens")
-    ax.legend()
+    bars = [r for r in rows if r["tool"] != "read items only"]
+    workers = sorted({r["workers"] for r in bars})
+    kinds = [(r["tool"], r["form"]) for r in bars if r["workers"] == workers[0]]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / max(len(kinds), 1)
+    speed = {(r["tool"], r["form"], r["workers"]): r["samples_per_s"] for r in bars}
+    for i, (tool, form) in enumerate(kinds):
+        xs = [x + i * width for x in range(len(workers))]
+        ys = [speed.get((tool, form, w), 0) for w in workers]
+        ax.bar(xs, ys, width, label=f"{'ours' if tool == 'lightning_dataeff' else tool}: {form}")
+        for x, y in zip(xs, ys):
+            ax.text(x, y, f"{y / 1e3:.0f}k", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(workers))],
+                  [f"{w} process{'es' if w > 1 else ''}" for w in workers])
+    ax.set_yscale("log")
+    ax.set_ylabel("samples / s (log)")
+    ax.set_title(f"analyze seqlen + vocab_rarity, {args.num_samples} samples of up to {args.seq_len} tokens",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "analyzer-cpu.png"), dpi=120)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 import re
+import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
@@ -14,7 +15,10 @@ __all__ = [
     "BUILTIN_METRICS",
     "item_tokens",
     "chunk_tokens",
-    "dataset_fingerprint",
+    "compression_ratios",
+    "COMPRESSION_LEVEL",
+    "unigram_counts",
+    "gather",
     "resolve_metrics",
     "segment_sums",
     "lexicographic_seqlen_rarity",
@@ -24,8 +28,11 @@ __all__ = [
 #: ``-log p(token)`` under the dataset's own unigram distribution. ``seqlen_vocab_rarity``: length
 #: first, rarity second: ``seqlen + vocab_rarity / (1 + max vocab_rarity)`` (a float whose floor is
 #: the length, so percentile pacing admits shorter samples first, and among equal lengths the less
-#: rare ones).
-BUILTIN_METRICS = ("seqlen", "vocab_rarity", "seqlen_vocab_rarity")
+#: rare ones). ``compression_ratio``: compressed size / raw size of the sample's ``text`` entry (UTF-8)
+#: when it has one, else of its non-padding token ids as little-endian uint32, compressed with zlib
+#: (raw deflate, level ``COMPRESSION_LEVEL``); 0.0 for an empty sample. Low = redundant (easy first).
+BUILTIN_METRICS = ("seqlen", "vocab_rarity", "seqlen_vocab_rarity", "compression_ratio")
+COMPRESSION_LEVEL = 6
 _BLOCK = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -123,24 +130,13 @@ def _as_array(x: Any, name: str) -> np.ndarray:
         arr = x.numpy() if x.device.type == "cpu" and not x.requires_grad else x.detach().cpu().numpy()
     else:
         arr = np.asarray(x)
+        if arr.size == 0 and arr.dtype.kind == "f":  # an empty list: no tokens, not float tokens
+            arr = arr.astype(np.int64)
     if arr.ndim != 1:
         raise ValueError(
             f"{name} of a dataset item must be 1-D (one sample, no batch dimension), got shape {arr.shape}"
         )
     return arr
-
-
-def dataset_fingerprint(dataset: Any, pad_token_id: int | None = None, probes: int = 64) -> str:
-    """Cheap identity of a map-style dataset: its length and the tokens of ``probes`` evenly spaced items."""
-    n = len(dataset)
-    h = hashlib.sha256(f"n={n};pad={pad_token_id}".encode())
-    if n:
-        for i in np.unique(np.linspace(0, n - 1, min(n, probes)).astype(np.int64)):
-            toks = item_tokens(dataset[int(i)], pad_token_id)
-            h.update(int(i).to_bytes(8, "little"))
-            h.update(len(toks).to_bytes(8, "little"))
-            h.update(toks.tobytes())
-    return h.hexdigest()[:32]
 
 
 def resolve_metrics(
@@ -205,6 +201,50 @@ def segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         out[nonempty] = np.add.reduceat(values, starts[nonempty])
     return out
+
+
+def compression_ratios(payloads: Sequence[Any]) -> np.ndarray:
+    """``compression_ratio`` of each payload (bytes-like): deflated size / size, 0.0 when empty."""
+    out = np.zeros(len(payloads), dtype=np.float64)
+    for j, p in enumerate(payloads):
+        n = len(p)
+        if n:
+            out[j] = len(zlib.compress(p, COMPRESSION_LEVEL, -15)) / n
+    return out
+
+
+_TORCH_COUNTS = (np.int8, np.uint8, np.int16, np.int32, np.int64)  # dtypes torch.bincount takes
+
+
+def _tensor(arr: np.ndarray):
+    """A torch view of ``arr`` for a read-only op (memmaps and Arrow buffers are read-only: no copy, no warning)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def unigram_counts(tokens: np.ndarray) -> np.ndarray:
+    """``np.bincount(tokens)`` (int64, exact), through ``torch.bincount`` where it takes the dtype (faster).
+
+    Raises ``ValueError`` on a negative id, as NumPy does.
+    """
+    if len(tokens) == 0 or tokens.dtype.type not in _TORCH_COUNTS:
+        return np.bincount(tokens)
+    import torch
+
+    try:
+        return torch.bincount(_tensor(np.ascontiguousarray(tokens))).numpy()
+    except RuntimeError:
+        raise ValueError("'list' argument must have no negative elements") from None
+
+
+def gather(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``table[ids]`` (a new array, exact), through ``torch.index_select``: about twice NumPy's gather speed."""
+    if ids.dtype.type not in (np.int32, np.int64):
+        ids = ids.astype(np.int32 if ids.dtype.itemsize <= 2 else np.int64)
+    return _tensor(table).index_select(0, _tensor(np.ascontiguousarray(ids))).numpy()
 
 
 def lexicographic_seqlen_rarity(seqlen: np.ndarray, rarity: np.ndarray) -> np.ndarray:
