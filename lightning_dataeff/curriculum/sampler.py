@@ -158,7 +158,9 @@ class SamplerPlan:
     plan in ``__iter__`` while ``is_training()`` is true (so not a validation loader's sampler), and is then
     complete before the first index is prefetched. ``position`` (micro-batches already trained, from a
     checkpoint) applies to the first iterator only; ``None`` keeps a position restored through the
-    loader's ``load_state_dict`` (:class:`CurriculumDataLoader`), else starts at 0.
+    loader's ``load_state_dict`` (:class:`CurriculumDataLoader`), else starts at 0. A configuration error
+    found on adoption is kept in ``error`` (the iterator then yields nothing) for the callback to raise in
+    ``on_train_start``: an exception raised while Lightning creates the iterator is masked by its teardown.
     """
 
     world: tuple[int, int]
@@ -171,6 +173,7 @@ class SamplerPlan:
     is_training: Callable[[], bool] = lambda: True
     sampler: "CurriculumSampler | None" = None
     epoch_length: int | None = None
+    error: Exception | None = None
     _token: Any = field(default=None, repr=False)
 
     def activate(self) -> "SamplerPlan":
@@ -816,7 +819,11 @@ class CurriculumSampler(Sampler[list[int]]):
         """Yield micro-batches from the current position to the end of its epoch."""
         plan = _ACTIVE_PLAN.get()
         if plan is not None and plan.is_training():
-            self.adopt(plan)
+            try:
+                self.adopt(plan)
+            except ValueError as e:
+                plan.error, plan.sampler = e, self
+                return iter(())
         start, length = self._start, self._epoch_length()
         self._live_start = start
         return self._generate(start, (start // length + 1) * length)
@@ -864,9 +871,11 @@ class CurriculumDataLoader(DataLoader):
         self._handed: int | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        it = super().__iter__()
         sampler = self.batch_sampler
         assert isinstance(sampler, CurriculumSampler)
+        if self._handed is not None:  # the next epoch starts where the training loop stopped taking batches
+            sampler.set_position(self._handed)
+        it = super().__iter__()
         self._handed = sampler._live_start
         return self._count(it)
 
