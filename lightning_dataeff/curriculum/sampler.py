@@ -420,7 +420,8 @@ def _timeline(events: list[tuple[int, int]]) -> list[_Segment]:
         remaining = size - consumed
         unseen = int(remaining.sum())
         tier0 = unseen if end == math.inf else min(unseen, int(end - start))
-        scale = (1 << 61) // max(int(remaining.max()), 1)
+        biggest = max(int(remaining.max()), 1)
+        scale = min(biggest << 10, (1 << 61) // biggest)  # keys distinct within a block, no int64 overflow
         segments.append(_Segment(start, end, pool, blocks, lo, size, consumed, scale, tier0, p, p_size, p_pos,
                                  p_start))
         if end == math.inf:
