@@ -692,6 +692,11 @@ class CurriculumSampler(Sampler[list[int]]):
             return None
         return self._admission.ids(np.arange(k))
 
+    def admission_order(self) -> np.ndarray:
+        """Ids of every sample ever admitted, in admission order (``pool(step)`` is a prefix of it)."""
+        assert self._admission is not None
+        return self._admission.ids(np.arange(int(self._admission.counts[-1])))
+
     def _timeline(self) -> list[_Segment]:
         layout = (self._epoch_length(), self.accumulate, self.global_batch_size, self.seed)
         if self._segments is None or self._layout != layout:
