@@ -2,7 +2,7 @@
 
 from lightning_dataeff.curriculum.analysis import MetricAnalysis, load_analysis
 from lightning_dataeff.curriculum.analyzer import analyze, merge_analysis
-from lightning_dataeff.curriculum.sampler import CurriculumSampler, MetricRule, parse_metric_rules
+from lightning_dataeff.curriculum.sampler import CurriculumDataLoader, CurriculumSampler, MetricRule, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import batch_sequence_length, set_batch_sequence_length
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "load_analysis",
     "MetricAnalysis",
     "CurriculumSampler",
+    "CurriculumDataLoader",
     "MetricRule",
     "parse_metric_rules",
 ]
