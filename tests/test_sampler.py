@@ -277,3 +277,22 @@ def test_load_state_dict_keeps_missing_entries(state, missing, expected):
 def test_load_state_dict_rejects_bad_entries(state, match):
     with pytest.raises(ValueError, match=match):
         CurriculumSampler(16, 2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_torchdata_stateful_dataloader_resumes_mid_epoch(num_workers):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")  # optional: not a dependency
+
+    def loader():
+        return stateful.StatefulDataLoader(torch.arange(64), batch_sampler=CurriculumSampler(64, 2, seed=1),
+                                           num_workers=num_workers)
+
+    full = loader()
+    it = iter(full)
+    [next(it) for _ in range(5)]
+    state = full.state_dict()
+    expected = [next(it).tolist() for _ in range(5)]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    assert [next(it).tolist() for _ in range(5)] == expected

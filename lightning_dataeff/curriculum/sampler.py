@@ -832,13 +832,7 @@ class CurriculumSampler(Sampler[list[int]]):
                 return iter(())
         start, length = self._start, self._epoch_length()
         self._live_start = start
-        return self._generate(start, (start // length + 1) * length)
-
-    def _generate(self, start: int, end: int) -> Iterator[list[int]]:
-        for n in range(start, end):
-            yield self.batch(n)
-        if self._start == start:
-            self._start = end  # plain loops without set_epoch move on to the next epoch
+        return _BatchIterator(self, start, (start // length + 1) * length)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -857,6 +851,32 @@ class CurriculumSampler(Sampler[list[int]]):
             f"CurriculumSampler(num_samples={self.num_samples}, batch_size={self.batch_size}, seed={self.seed}, "
             f"metrics={[r.name for r in self.rules]}, position={self._start})"
         )
+
+
+class _BatchIterator:
+    """Micro-batches ``[start, end)``; stateful (``{"position": next n}``) for loaders that save iterators."""
+
+    def __init__(self, sampler: CurriculumSampler, start: int, end: int) -> None:
+        self.sampler, self.start, self.n, self.end = sampler, start, start, end
+
+    def __iter__(self) -> "_BatchIterator":
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.n >= self.end:
+            if self.sampler._start == self.start:
+                self.sampler._start = self.end  # plain loops without set_epoch move on to the next epoch
+            raise StopIteration
+        self.n += 1
+        return self.sampler.batch(self.n - 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.n}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.n = check_int("CurriculumSampler iterator state 'position'", state["position"], 0)
+        length = self.sampler._epoch_length()
+        self.start, self.end = self.n, (self.n // length + 1) * length
 
 
 class CurriculumDataLoader(DataLoader):
