@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,14 +49,35 @@ def memory() -> dict[str, float]:
     return out
 
 
-def make_analysis(path: str, n: int) -> None:
+def make_analysis(path: str, n: int, name: str = "seqlen") -> None:
     from lightning_dataeff.curriculum.analysis import write_metric
 
-    if os.path.exists(os.path.join(path, "seqlen", "header.json")):
+    if os.path.exists(os.path.join(path, name, "header.json")):
         return
-    values = np.random.default_rng(0).integers(1, 2049, n).astype(np.int64)
-    meta = {"dataset_fingerprint": f"synthetic-{n}", "pad_token_id": None, "metrics": {"seqlen": "seqlen"}}
-    write_metric(os.path.join(path, "seqlen"), "seqlen", values, meta)
+    rng = np.random.default_rng(0 if name == "seqlen" else 1)
+    values = rng.integers(1, 2049, n).astype(np.int64) if name == "seqlen" else rng.random(n)
+    meta = {"dataset_fingerprint": f"synthetic-{n}", "pad_token_id": None, "metrics": {name: name}}
+    write_metric(os.path.join(path, name), name, values, meta)
+
+
+def measure_intersection(args: argparse.Namespace) -> dict:
+    """Runs in a fresh process: start time and memory of a two-metric (intersection) sampler."""
+    import torch  # noqa: F401
+
+    from lightning_dataeff.curriculum import CurriculumSampler, load_analysis
+
+    base = memory()
+    ramp = {"difficulty_type": "percentile", "min_difficulty": 1, "max_difficulty": 100, "schedule_type": "fixed_root",
+            "schedule_config": {"total_curriculum_step": args.ramp_steps, "difficulty_step": 1, "root_degree": 2}}
+    t0 = time.perf_counter()
+    s = CurriculumSampler(args.n, args.batch_size, seed=1, analysis=load_analysis(args.analysis),
+                          metrics={"seqlen": ramp, "rarity": ramp}, num_replicas=args.ranks, rank=0)
+    s.batch(s.first_batch_of(args.ramp_steps // 2))
+    start_s = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mem = memory()
+    return {"n": args.n, "start_s": round(start_s, 2), "peak_rss_added_mb": round(peak - base["VmRSS"], 1),
+            "rss_added_mb": round(mem["VmRSS"] - base["VmRSS"], 1)}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -126,7 +148,7 @@ def wasted_draws() -> dict:
     return out
 
 
-def write_outputs(rows: list[dict], waste: dict, out_dir: str, tag: str) -> None:
+def write_outputs(rows: list[dict], waste: dict, out_dir: str, tag: str, inter: list[dict]) -> None:
     import lightning_dataeff
 
     os.makedirs(out_dir, exist_ok=True)
@@ -144,6 +166,11 @@ def write_outputs(rows: list[dict], waste: dict, out_dir: str, tag: str) -> None
         lines.append(f"| {r['n']:,} | {r['ramp_fraction']:.2f} | {r['pool_fraction']:.0%} | {r['ms_per_batch']:.3f} "
                      f"| {r['first_batch_ms']:.1f} | {r['start_s']:.2f} | {r['rss_added_mb']:.0f} "
                      f"| {r['anon_added_mb']:.0f} | {r['file_added_mb']:.0f} |")
+    lines += ["", "Two metrics (percentile fixed_root ramps on seqlen and a random score, intersected: the admission "
+              "order is computed at start):", "", "| N | start + a mid-ramp batch (s) | peak added RSS (MB) "
+              "| added RSS after (MB) |", "|---|---|---|---|"]
+    lines += [f"| {r['n']:,} | {r['start_s']:.2f} | {r['peak_rss_added_mb']:.0f} | {r['rss_added_mb']:.0f} |"
+              for r in inter]
     lines += ["", f"Wasted draws (issue's 3,000-sample seqlen curriculum, one epoch): {waste['wasted']} of "
               f"{waste['draws']} ({waste['distinct']} distinct samples drawn)."]
     text = "\n".join(lines) + "\n"
@@ -187,16 +214,24 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "lightning_dataeff_sampler_bench"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, results under benchmarks/results/smoke/")
+    p.add_argument("--out", help="results folder (default: benchmarks/results, or its smoke/ with --smoke)")
+    p.add_argument("--intersection-sizes", type=int, nargs="*", default=[10_000_000, 50_000_000])
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: JSON args of one measurement
+    p.add_argument("--measure-intersection", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
         print(json.dumps(measure(argparse.Namespace(**json.loads(args.measure)))))
         return
+    if args.measure_intersection:
+        print(json.dumps(measure_intersection(argparse.Namespace(**json.loads(args.measure_intersection)))))
+        return
     out_dir = os.path.join(HERE, "results")
     tag = "cpu"
     if args.smoke:
-        args.sizes, args.ranks, args.batches, args.ramp_steps = [20_000, 200_000], 4, 20, 300
+        args.sizes, args.ranks, args.batches, args.ramp_steps = [20_000, 100_000], 4, 20, 300
+        args.intersection_sizes = [20_000]
         out_dir, tag = os.path.join(out_dir, "smoke"), "smoke"
+    out_dir = args.out or out_dir
     rows = []
     for n in args.sizes:
         path = os.path.join(args.scratch, f"n{n}")
@@ -207,7 +242,18 @@ def main() -> None:
                               text=True, check=True)
         rows += json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
         print(f"N={n:,} done", file=sys.stderr)
-    write_outputs(rows, wasted_draws(), out_dir, tag)
+    inter = []
+    for n in args.intersection_sizes:
+        path = os.path.join(args.scratch, f"n{n}")
+        make_analysis(path, n)
+        make_analysis(path, n, "rarity")
+        spec = {"n": n, "analysis": path, "ranks": args.ranks, "batch_size": args.batch_size,
+                "ramp_steps": args.ramp_steps}
+        proc = subprocess.run([sys.executable, __file__, "--measure-intersection", json.dumps(spec)],
+                              capture_output=True, text=True, check=True)
+        inter.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"intersection N={n:,} done", file=sys.stderr)
+    write_outputs(rows, wasted_draws(), out_dir, tag, inter)
 
 
 if __name__ == "__main__":

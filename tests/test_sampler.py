@@ -296,3 +296,18 @@ def test_torchdata_stateful_dataloader_resumes_mid_epoch(num_workers):
     resumed.load_state_dict(state)
     it = iter(resumed)
     assert [next(it).tolist() for _ in range(5)] == expected
+
+
+@pytest.mark.slow
+def test_scale_benchmark_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--scratch",
+                           str(tmp_path / "scratch")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (tmp_path / "sampler-smoke.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 6 and (tmp_path / "sampler-smoke.png").exists()
+    assert "Wasted draws (issue's 3,000-sample seqlen curriculum, one epoch): 0 of 2992" in proc.stdout
