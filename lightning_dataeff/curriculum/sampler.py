@@ -277,6 +277,10 @@ class _Admission:
             return positions.astype(np.int64, copy=False)
         return np.asarray(self.order[positions], dtype=np.int64)
 
+    def prefix(self, k: int) -> np.ndarray:
+        """Ids at admission positions ``[0, k)`` (a view of the memory-mapped order when there is one)."""
+        return np.arange(k) if self.order is None else self.order[:k]
+
 
 def _rule_counts(rule: MetricRule, analysis: MetricAnalysis, steps: np.ndarray) -> np.ndarray:
     """Pool size admitted by ``rule`` at each step (difficulty held at its running maximum: pools never shrink)."""
@@ -690,12 +694,12 @@ class CurriculumSampler(Sampler[list[int]]):
         k = self._admission.count(step)
         if k == self.num_samples:
             return None
-        return self._admission.ids(np.arange(k))
+        return self._admission.prefix(k)
 
     def admission_order(self) -> np.ndarray:
         """Ids of every sample ever admitted, in admission order (``pool(step)`` is a prefix of it)."""
         assert self._admission is not None
-        return self._admission.ids(np.arange(int(self._admission.counts[-1])))
+        return self._admission.prefix(int(self._admission.counts[-1]))
 
     def _timeline(self) -> list[_Segment]:
         layout = (self._epoch_length(), self.accumulate, self.global_batch_size, self.seed)
