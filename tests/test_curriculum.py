@@ -127,6 +127,19 @@ def test_admission_at_every_step_from_micro_batch_0(data, analysis_dir, where, l
         assert step == n // 2 and ids == reference.batch(n) and longest <= sched(step), n
 
 
+@pytest.mark.parametrize("limit,length", [(3, 3), (0.5, 5)])
+def test_limit_train_batches_sets_the_epoch_length(data, analysis_dir, limit, length):
+    seen = Seen()
+    trainer = pl.Trainer(max_steps=6, accumulate_grad_batches=2, limit_train_batches=limit, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, callbacks=[CurriculumLearning(METRICS, analysis_dir=analysis_dir), seen])
+    trainer.fit(LM(), DataLoader(data, batch_sampler=CurriculumSampler(N, 4, seed=9)))
+    reference = CurriculumSampler(N, 4, seed=9, analysis=analysis_dir, metrics=METRICS, accumulate=2)
+    reference.epoch_length = length
+    assert [(step, ids) for step, ids, _ in seen.rows] == [
+        (reference.step_of(n), reference.batch(n)) for n in range(len(seen.rows))]
+
+
 def test_resume_from_end_of_epoch_checkpoint(data, analysis_dir, tmp_path):
     # (without gradient accumulation: Lightning itself steps after the first micro-batch when resuming
     # an on_train_epoch_end checkpoint mid-accumulation, whatever the sampler)

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_dataeff._validation import check_int
 from lightning_dataeff.curriculum.analysis import load_analysis
@@ -115,11 +115,6 @@ class CurriculumLearning(Callback):
         assert isinstance(sampler, CurriculumSampler) and self._plan is not None
         if self._plan.error is not None:
             raise self._plan.error
-        if isinstance(loader.sampler, DistributedSampler):
-            raise ValueError(
-                "CurriculumLearning: CurriculumSampler shards batches across ranks itself; create the Trainer "
-                "with use_distributed_sampler=False (Lightning's distributed sampler would replace it)"
-            )
         if self._plan.sampler is not sampler:
             raise RuntimeError(
                 "CurriculumLearning: the train CurriculumSampler's iterator was not created by this fit "
