@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from lightning_dataeff.curriculum import CurriculumSampler, analyze
-from lightning_dataeff.curriculum.sampler import CurriculumDataLoader, _permute, _round_keys, _webster
+from lightning_dataeff.curriculum.sampler import (
+    CurriculumDataLoader,
+    _build_admission,
+    _permute,
+    _round_keys,
+    _webster,
+    parse_metric_rules,
+)
 
 N = 240
 
@@ -76,6 +83,21 @@ def test_never_above_current_difficulty(analysis):
         assert s.step_of(n) == n // 2
         assert seqlen[ids].max() <= sched(n // 2)
     assert s.pool(40) is None  # difficulty 32 admits everything
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_intersection_pool_is_brute_force_intersection(analysis, chunk):
+    rarity = np.asarray(analysis["vocab_rarity"].sample_to_metric)
+    seqlen = np.asarray(analysis["seqlen"].sample_to_metric)
+    rules = parse_metric_rules({"vocab_rarity": linear(10, 100, 30, 10, difficulty_type="percentile"),
+                                "seqlen": linear(16, 32, 20, 8)})
+    admission = _build_admission(rules, analysis, N, chunk=chunk)
+    rank = np.empty(N, np.int64)
+    rank[np.argsort(rarity, kind="stable")] = np.arange(N)
+    for step in range(35):
+        p, d = rules[0].schedule(step), rules[1].schedule(step)
+        expected = np.flatnonzero((rank < np.ceil(p * N / 100 - 1e-9)) & (seqlen <= d))
+        assert sorted(admission.prefix(admission.count(step)).tolist()) == expected.tolist(), step
 
 
 def test_newly_admitted_samples_mix_with_the_unseen_rest(analysis):

@@ -294,7 +294,7 @@ def _rule_counts(rule: MetricRule, analysis: MetricAnalysis, steps: np.ndarray) 
 
 
 def _build_admission(rules: list[MetricRule], analysis: Mapping[str, MetricAnalysis], num_samples: int,
-                     chunk: int = 1 << 20) -> _Admission:
+                     chunk: int = 1 << 22) -> _Admission:
     filters = [r for r in rules if r.filters]
     if not filters:
         return _Admission(None, np.zeros(1, np.int64), np.asarray([num_samples], np.int64))
@@ -303,30 +303,34 @@ def _build_admission(rules: list[MetricRule], analysis: Mapping[str, MetricAnaly
     if len(filters) == 1:
         counts = per_rule[0]
         order = analysis[filters[0].name].sorted_samples
-    else:  # sample i joins at the first step index where every metric admits it
+    else:  # sample i joins at the first step index where every metric admits it (never: len(steps))
         n_steps = len(steps)
-        joins = np.zeros(num_samples, dtype=np.int32)
-        for r, k in zip(filters, per_rule):
+        small = np.uint16 if n_steps < np.iinfo(np.uint16).max else np.int32  # uint16: radix sort below
+        levels = np.arange(n_steps + 1, dtype=small)
+        joins = np.zeros(num_samples, dtype=small)
+        for m, (r, k) in enumerate(zip(filters, per_rule)):
             sorted_ids = analysis[r.name].sorted_samples
             for lo in range(0, num_samples, chunk):
                 hi = min(lo + chunk, num_samples)
                 ids = np.asarray(sorted_ids[lo:hi])
-                j = np.searchsorted(k, np.arange(lo, hi), side="right").astype(np.int32)
-                joins[ids] = np.maximum(joins[ids], j)
-        hist = np.bincount(joins, minlength=n_steps + 1)
+                bounds = np.clip(np.concatenate([[lo], k, [hi]]), lo, hi)
+                j = np.repeat(levels, np.diff(bounds))  # join index of sorted positions lo..hi-1
+                joins[ids] = j if m == 0 else np.maximum(joins[ids], j)
+        hist = np.zeros(n_steps + 1, np.int64)
+        for lo in range(0, num_samples, chunk):
+            hist += np.bincount(joins[lo : lo + chunk], minlength=n_steps + 1)
         counts = np.cumsum(hist)[:n_steps].astype(np.int64)
         order = np.empty(int(counts[-1]), dtype=np.int32 if num_samples < 2**31 else np.int64)
         fill = np.concatenate([[0], np.cumsum(hist)[:-1]]).astype(np.int64)
         for lo in range(0, num_samples, chunk):  # counting sort by join step, ties by id
             j = joins[lo : lo + chunk]
-            keep = j < n_steps
-            ids = np.arange(lo, lo + len(j))[keep]
-            j = j[keep]
             srt = np.argsort(j, kind="stable")
-            j, ids = j[srt], ids[srt]
-            starts = np.searchsorted(j, j, side="left")
-            order[fill[j] + np.arange(len(j)) - starts] = ids
-            fill += np.bincount(j, minlength=n_steps + 1)
+            per = np.bincount(j, minlength=n_steps + 1)
+            within = np.arange(len(j)) - np.repeat(np.cumsum(per) - per, per)
+            js = j[srt]
+            keep = js < n_steps
+            order[fill[js[keep]] + within[keep]] = srt[keep] + lo
+            fill += per
         del joins
     keep = np.concatenate([[True], np.diff(counts) != 0])
     return _Admission(order, steps[keep], counts[keep])
