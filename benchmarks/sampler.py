@@ -77,7 +77,9 @@ def measure_intersection(args: argparse.Namespace) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem = memory()
     return {"n": args.n, "start_s": round(start_s, 2), "peak_rss_added_mb": round(peak - base["VmRSS"], 1),
-            "rss_added_mb": round(mem["VmRSS"] - base["VmRSS"], 1)}
+            "rss_added_mb": round(mem["VmRSS"] - base["VmRSS"], 1),
+            "anon_added_mb": round(mem["RssAnon"] - base["RssAnon"], 1),
+            "file_added_mb": round(mem["RssFile"] - base["RssFile"], 1)}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -168,9 +170,9 @@ def write_outputs(rows: list[dict], waste: dict, out_dir: str, tag: str, inter: 
                      f"| {r['anon_added_mb']:.0f} | {r['file_added_mb']:.0f} |")
     lines += ["", "Two metrics (percentile fixed_root ramps on seqlen and a random score, intersected: the admission "
               "order is computed at start):", "", "| N | start + a mid-ramp batch (s) | peak added RSS (MB) "
-              "| added RSS after (MB) |", "|---|---|---|---|"]
-    lines += [f"| {r['n']:,} | {r['start_s']:.2f} | {r['peak_rss_added_mb']:.0f} | {r['rss_added_mb']:.0f} |"
-              for r in inter]
+              "| added RSS after (MB) | anon | file-backed |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']:,} | {r['start_s']:.2f} | {r['peak_rss_added_mb']:.0f} | {r['rss_added_mb']:.0f} "
+              f"| {r['anon_added_mb']:.0f} | {r['file_added_mb']:.0f} |" for r in inter]
     lines += ["", f"Wasted draws (issue's 3,000-sample seqlen curriculum, one epoch): {waste['wasted']} of "
               f"{waste['draws']} ({waste['distinct']} distinct samples drawn)."]
     text = "\n".join(lines) + "\n"
