@@ -40,6 +40,7 @@ _EXPORTS = {
     "merge_analysis": "lightning_dataeff.curriculum",
     "MetricAnalysis": "lightning_dataeff.curriculum",
     "CurriculumSampler": "lightning_dataeff.curriculum",
+    "CurriculumDataLoader": "lightning_dataeff.curriculum",
     # callbacks
     "RandomLTD": "lightning_dataeff.callbacks",
     "TokenBudget": "lightning_dataeff.callbacks",

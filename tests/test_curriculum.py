@@ -1,10 +1,12 @@
-"""CurriculumLearning callback: exact mid-epoch resume, DeepSpeed configs, misconfiguration, DDP."""
+"""CurriculumLearning callback: admission from micro-batch 0 with workers, resume, DeepSpeed configs, errors, DDP.
+
+Mid-epoch resume (with workers and accumulation) goes through the shared harness in tests/test_resume.py.
+"""
 
 import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dataeff.callbacks.curriculum import CurriculumLearning
 from lightning_dataeff.curriculum import CurriculumSampler, analyze
+from lightning_dataeff.curriculum.sampler import CurriculumDataLoader
 
 N, SEQ = 40, 16
 
@@ -29,10 +32,10 @@ METRICS = {"seqlen": linear(6, SEQ, 8, difficulty_type="value")}
 def data():
     g = torch.Generator().manual_seed(0)
     items = []
-    for _ in range(N):
+    for i in range(N):
         n = int(torch.randint(2, SEQ + 1, (1,), generator=g))
         items.append({"input_ids": torch.randint(0, 50, (SEQ,), generator=g),
-                      "attention_mask": (torch.arange(SEQ) < n).long()})
+                      "attention_mask": (torch.arange(SEQ) < n).long(), "idx": i})
     return items
 
 
@@ -88,19 +91,53 @@ def fit(data, callback, max_steps, ckpt_dir=None, ckpt_path=None, accumulate=2, 
     return rec.rows
 
 
-@pytest.mark.parametrize("metrics,num_workers", [(METRICS, 2), (None, 0)])
-def test_resume_mid_epoch_matches_uninterrupted_run(data, analysis_dir, tmp_path, metrics, num_workers):
-    # 10 micro-batches per epoch, 2 per step: checkpoints at steps 3 (mid-epoch 0) and 6 (mid-epoch 1)
-    make = lambda: CurriculumLearning(metrics, analysis_dir=analysis_dir if metrics else None)  # noqa: E731
-    full = fit(data, make(), 9, ckpt_dir=tmp_path, num_workers=num_workers)
-    assert len(full) == 18
-    for ckpt, done in (("epoch=0-step=3.ckpt", 6), ("epoch=1-step=6.ckpt", 12)):
-        resumed = fit(data, make(), 9, ckpt_path=tmp_path / ckpt, num_workers=num_workers)
-        assert resumed == full[done:]
-    if metrics:  # every batch within the difficulty logged for its optimizer step
-        sched = CurriculumSampler(N, 4, analysis=analysis_dir, metrics=metrics).rules[0].schedule
-        for i, (step_after, _, longest, logged) in enumerate(full):
-            assert logged == sched(i // 2) and longest <= logged
+class Seen(pl.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append((trainer.global_step, batch["idx"].tolist(), int(batch["attention_mask"].sum(1).max())))
+
+
+LOADERS = {
+    "no-workers": dict(num_workers=0),
+    "2-workers": dict(num_workers=2),
+    "persistent": dict(num_workers=2, persistent_workers=True),
+    "prefetch-6": dict(num_workers=2, prefetch_factor=6),
+}
+
+
+@pytest.mark.parametrize("where", ["callback", "sampler"])
+@pytest.mark.parametrize("loader_kw", list(LOADERS.values()), ids=list(LOADERS))
+def test_admission_at_every_step_from_micro_batch_0(data, analysis_dir, where, loader_kw):
+    # 10 micro-batches per epoch, 2 per step, 2 epochs: every micro-batch is the sampler's pure function of n
+    # and within the difficulty of its optimizer step, the prefetched first ones included
+    on_sampler = where == "sampler"
+    sampler = CurriculumSampler(N, 4, seed=9, analysis=analysis_dir if on_sampler else None,
+                                metrics=METRICS if on_sampler else None)
+    callback = CurriculumLearning(None if on_sampler else METRICS, analysis_dir=None if on_sampler else analysis_dir)
+    seen = Seen()
+    trainer = pl.Trainer(max_steps=10, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback, seen])
+    trainer.fit(LM(), CurriculumDataLoader(data, batch_sampler=sampler, **loader_kw))
+    reference = CurriculumSampler(N, 4, seed=9, analysis=analysis_dir, metrics=METRICS, accumulate=2)
+    sched = reference.rules[0].schedule
+    assert len(seen.rows) == 20
+    for n, (step, ids, longest) in enumerate(seen.rows):
+        assert step == n // 2 and ids == reference.batch(n) and longest <= sched(step), n
+
+
+@pytest.mark.parametrize("limit,length", [(3, 3), (0.5, 5)])
+def test_limit_train_batches_sets_the_epoch_length(data, analysis_dir, limit, length):
+    seen = Seen()
+    trainer = pl.Trainer(max_steps=6, accumulate_grad_batches=2, limit_train_batches=limit, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, callbacks=[CurriculumLearning(METRICS, analysis_dir=analysis_dir), seen])
+    trainer.fit(LM(), DataLoader(data, batch_sampler=CurriculumSampler(N, 4, seed=9)))
+    reference = CurriculumSampler(N, 4, seed=9, analysis=analysis_dir, metrics=METRICS, accumulate=2)
+    reference.epoch_length = length
+    assert [(step, ids) for step, ids, _ in seen.rows] == [
+        (reference.step_of(n), reference.batch(n)) for n in range(len(seen.rows))]
 
 
 def test_resume_from_end_of_epoch_checkpoint(data, analysis_dir, tmp_path):
@@ -125,29 +162,44 @@ def test_single_cluster_seqlen_truncates_batches(data):
     assert seen == [4, 4, 8, 12, 16, 16]
 
 
-def test_misconfiguration_errors(data, analysis_dir):
-    with pytest.raises(ValueError, match="batch_sampler=CurriculumSampler"):
-        pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, callbacks=[CurriculumLearning()]).fit(
-            LM(), DataLoader(data, batch_size=4))
-    sampler = CurriculumSampler(N, 4, analysis=analysis_dir, metrics=METRICS)
-    with pytest.raises(ValueError, match="only one of the two"):
-        pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
-                   callbacks=[CurriculumLearning({"seqlen": linear(4, SEQ, 3)}, analysis_dir=analysis_dir)]).fit(
-            LM(), DataLoader(data, batch_sampler=sampler))
-    other = [{**item, "input_ids": item["input_ids"].flip(0)} for item in data]
-    with pytest.raises(ValueError, match="another dataset"):
-        pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
-                   callbacks=[CurriculumLearning(METRICS, analysis_dir=analysis_dir)]).fit(
-            LM(), DataLoader(other, batch_sampler=CurriculumSampler(N, 4)))
-    trainer = SimpleNamespace(world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
-    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
-        CurriculumLearning().setup(trainer, None, "fit")
-    with pytest.raises(ValueError, match="seed"):
-        CurriculumLearning(seed=-2)
-    with pytest.raises(ValueError, match="analysis_dir"):
-        CurriculumLearning(analysis_dir="/nonexistent/analysis")
-    with pytest.raises(ValueError, match="metrics.seqlen.difficulty_type"):
-        CurriculumLearning({"seqlen": linear(4, 8, 2, difficulty_type="hard")})
+def _fit_errors(data, callback, loader):
+    pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[callback]).fit(LM(), loader)
+
+
+FIT_ERRORS = {
+    "no-curriculum-sampler": (lambda d, a: (CurriculumLearning(), DataLoader(d, batch_size=4)),
+                              "batch_sampler=CurriculumSampler"),
+    "metrics-on-both": (lambda d, a: (CurriculumLearning({"seqlen": linear(4, SEQ, 3)}, analysis_dir=a),
+                                      DataLoader(d, batch_sampler=CurriculumSampler(N, 4, analysis=a,
+                                                                                    metrics=METRICS))),
+                        "only one of the two"),
+    "other-dataset": (lambda d, a: (CurriculumLearning(METRICS, analysis_dir=a),
+                                    DataLoader([{**x, "input_ids": x["input_ids"].flip(0)} for x in d],
+                                               batch_sampler=CurriculumSampler(N, 4))),
+                      "another dataset"),
+    "world-mismatch": (lambda d, a: (CurriculumLearning(), DataLoader(d, batch_sampler=CurriculumSampler(
+        N, 4, num_replicas=2, rank=1))), "does not match the Trainer"),
+}
+
+
+@pytest.mark.parametrize("name", list(FIT_ERRORS))
+def test_fit_misconfiguration_error(data, analysis_dir, name):
+    make, match = FIT_ERRORS[name]
+    with pytest.raises(ValueError, match=match):
+        _fit_errors(data, *make(data, analysis_dir))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seed=-2), "seed"),
+    (dict(analysis_dir="/nonexistent/analysis"), "analysis_dir"),
+    (dict(metrics={"seqlen": linear(4, 8, 2, difficulty_type="hard")}), "metrics.seqlen.difficulty_type"),
+    (dict(metrics={"seqlen": linear(4, 8, 2, clustering_type="single_cluster", difficulty_type="percentile")}),
+     "must be 'value'"),
+])
+def test_constructor_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CurriculumLearning(**kwargs)
 
 
 SECTION = {
@@ -191,20 +243,33 @@ def test_from_deepspeed_section_and_full_config(analysis_dir):
     assert CurriculumLearning.from_deepspeed({"enabled": True}).rules == []  # KeyError-free defaults
 
 
-def test_from_deepspeed_legacy_and_errors():
-    legacy = {"enabled": True, "curriculum_type": "seqlen", **linear(8, 64, 10, 8)}
-    for cfg in (legacy, {"curriculum_learning": legacy}):  # the section or a whole config holding it
-        with pytest.raises(ValueError, match=r"curriculum_type.*SeqLengthWarmup\.from_deepspeed"):
-            CurriculumLearning.from_deepspeed(cfg)
-    assert CurriculumLearning.from_deepspeed({**legacy, "enabled": False}) is None
+LEGACY = {"enabled": True, "curriculum_type": "seqlen", **linear(8, 64, 10, 8)}
+
+
+@pytest.mark.parametrize("cfg", [LEGACY, {"curriculum_learning": LEGACY}], ids=["section", "whole-config"])
+def test_from_deepspeed_legacy_points_to_seq_length_warmup(cfg):
+    with pytest.raises(ValueError, match=r"curriculum_type.*SeqLengthWarmup\.from_deepspeed"):
+        CurriculumLearning.from_deepspeed(cfg)
+
+
+def test_from_deepspeed_legacy_disabled_is_none():
+    assert CurriculumLearning.from_deepspeed({**LEGACY, "enabled": False}) is None
+
+
+def test_from_deepspeed_warns_about_unknown_keys():
     with pytest.warns(UserWarning, match=r"'curriculum_learning.foo' ignored"):
         CurriculumLearning.from_deepspeed({"enabled": True, "foo": 1})
-    with pytest.raises(ValueError, match="enabled must be true or false"):
-        CurriculumLearning.from_deepspeed({"enabled": "yes"})
-    with pytest.raises(ValueError, match="curriculum_metrics must be a mapping"):
-        CurriculumLearning.from_deepspeed({"enabled": True, "curriculum_metrics": [1]})
-    with pytest.raises(ValueError, match="seqlen: schedule_config.total_curriculum_step"):
-        CurriculumLearning.from_deepspeed({"enabled": True, "curriculum_metrics": {"seqlen": linear(4, 8, 0)}})
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"enabled": "yes"}, "enabled must be true or false"),
+    ({"enabled": True, "curriculum_metrics": [1]}, "curriculum_metrics must be a mapping"),
+    ({"enabled": True, "curriculum_metrics": {"seqlen": linear(4, 8, 0)}},
+     "seqlen: schedule_config.total_curriculum_step"),
+])
+def test_from_deepspeed_error(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        CurriculumLearning.from_deepspeed(cfg)
 
 
 def test_enabled_defaults_to_false_like_randomltd():
@@ -231,26 +296,25 @@ def test_enabled_defaults_to_false_like_randomltd():
         assert CurriculumLearning.from_deepspeed({"data_efficiency": de}) is None
 
 
-def test_load_state_dict_tolerates_missing_keys():
+def test_load_state_dict_without_consumed_restarts_at_0():
     cb = CurriculumLearning()
     cb.consumed = 7
     with pytest.warns(UserWarning, match="no 'consumed' entry"):
         cb.load_state_dict({})
     assert cb.consumed == 0 and cb.seed is None
+
+
+def test_load_state_dict_restores_consumed_and_seed():
+    cb = CurriculumLearning()
     cb.load_state_dict({"consumed": 3, "seed": 9})
     assert (cb.consumed, cb.seed) == (3, 9)
-    with pytest.raises(ValueError, match="'consumed' must be a non-negative integer"):
-        cb.load_state_dict({"consumed": -1})
-    sampler = CurriculumSampler(16, 2, seed=4)
-    sampler.set_position(5)
-    with pytest.warns(UserWarning, match=r"lacks \['seed', 'position'\]"):
-        sampler.load_state_dict({})
-    assert (sampler.seed, sampler.position) == (4, 5)
-    with pytest.warns(UserWarning, match=r"lacks \['seed'\]"):
-        sampler.load_state_dict({"position": 2})
-    assert (sampler.seed, sampler.position) == (4, 2)
-    with pytest.raises(ValueError, match="'seed' must be a non-negative integer"):
-        sampler.load_state_dict({"seed": "x", "position": 0})
+
+
+@pytest.mark.parametrize("state,match", [({"consumed": -1}, "'consumed' must be a non-negative integer"),
+                                         ([3], "must be a mapping")])
+def test_load_state_dict_rejects(state, match):
+    with pytest.raises(ValueError, match=match):
+        CurriculumLearning().load_state_dict(state)
 
 
 @pytest.mark.slow

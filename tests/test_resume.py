@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 import lightning_dataeff.callbacks
 from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLengthWarmup, TokenBudget
-from lightning_dataeff.curriculum import CurriculumSampler
+from lightning_dataeff.curriculum import CurriculumSampler, analyze
+from lightning_dataeff.curriculum.sampler import CurriculumDataLoader
 from lightning_dataeff.recipes.metrics import MetricsCSV
 
 pytest.importorskip("transformers")
@@ -77,6 +78,28 @@ CASES: dict[type, Case] = {
 }
 
 
+def _rarity_curriculum(tmp) -> list[pl.Callback]:
+    analyze(Blocks(), ["vocab_rarity"], tmp / "analysis", num_workers=0, progress=False, overwrite=True)
+    metrics = {"vocab_rarity": {"difficulty_type": "percentile", "min_difficulty": 25, "max_difficulty": 100,
+                                "schedule_type": "fixed_linear",
+                                "schedule_config": {"total_curriculum_step": 12, "difficulty_step": 25}}}
+    return [CurriculumLearning(metrics, seed=3, analysis_dir=tmp / "analysis")]
+
+
+# More cases of the same classes: (class, case); ids name what they add.
+VARIANTS: dict[str, tuple[type, Case]] = {
+    # a growing curriculum read by 2 persistent DataLoader workers (prefetching ahead), with accumulation
+    "CurriculumLearning-metrics-workers": (CurriculumLearning, Case(
+        _rarity_curriculum, accumulate=2,
+        loader=lambda: DataLoader(Blocks(), batch_sampler=CurriculumSampler(N, B, seed=1), num_workers=2,
+                                  persistent_workers=True, prefetch_factor=3))),
+    # no callback: the stateful loader alone resumes through Lightning's loader state
+    "CurriculumDataLoader-alone": (CurriculumDataLoader, Case(
+        lambda tmp: [], observe=lambda cbs, tmp: None,
+        loader=lambda: CurriculumDataLoader(Blocks(), batch_sampler=CurriculumSampler(N, B, seed=1), num_workers=2))),
+}
+
+
 def _callback_classes() -> set[type]:
     """Every Lightning callback class the package defines."""
     found = set()
@@ -107,9 +130,12 @@ def test_every_callback_has_a_resume_case():
     assert not missing, f"add a resume case for {sorted(missing)} to tests/test_resume.py"
 
 
-@pytest.mark.parametrize("cls", list(CASES), ids=lambda c: c.__name__)
-def test_interrupted_then_resumed_equals_uninterrupted(cls, tmp_path):
-    case = CASES[cls]
+ALL_CASES = {cls.__name__: (cls, case) for cls, case in CASES.items()} | VARIANTS
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_interrupted_then_resumed_equals_uninterrupted(name, tmp_path):
+    cls, case = ALL_CASES[name]
     full_dir = tmp_path / "full"
     full, full_module, full_cbs = _fit(case, full_dir)
     assert len(full) == MAX_STEPS * case.accumulate

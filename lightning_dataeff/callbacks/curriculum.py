@@ -13,14 +13,11 @@ from torch.utils.data import DataLoader
 
 from lightning_dataeff._validation import check_int
 from lightning_dataeff.curriculum.analysis import load_analysis
-from lightning_dataeff.curriculum.sampler import CurriculumSampler, parse_metric_rules
+from lightning_dataeff.curriculum.sampler import CurriculumSampler, SamplerPlan, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import SEQLEN_METRICS, set_batch_sequence_length
 from lightning_dataeff.deepspeed_config import CurriculumSection, curriculum_section
 
 __all__ = ["CurriculumLearning"]
-
-_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
-
 
 class CurriculumLearning(Callback):
     """Drive the :class:`CurriculumSampler` of the train dataloader from ``trainer.global_step``.
@@ -35,10 +32,17 @@ class CurriculumLearning(Callback):
         seed: overrides the sampler's seed (``None`` keeps it).
         analysis_dir: output of :func:`lightning_dataeff.curriculum.analyze` for ``schedule_based`` metrics.
 
-    Usage: ``DataLoader(ds, batch_sampler=CurriculumSampler(len(ds), batch_size))``, this callback, and
-    under DDP ``Trainer(use_distributed_sampler=False)``. The callback's ``state_dict`` holds the
-    number of micro-batches trained; on resume the sampler restarts exactly there, so the resumed run
-    sees the same batches as an uninterrupted one. Logs ``curriculum/<metric>``.
+    Usage: ``CurriculumDataLoader(ds, batch_sampler=CurriculumSampler(len(ds), batch_size))`` (or a plain
+    ``DataLoader`` with that batch sampler), this callback, and under DDP ``Trainer(use_distributed_sampler=False)``.
+
+    Handover: ``setup("fit")`` publishes a :class:`~lightning_dataeff.curriculum.sampler.SamplerPlan` (metrics,
+    analysis, seed, world, ``accumulate_grad_batches``, ``limit_train_batches``, resume position); the train
+    sampler adopts it when Lightning creates the train iterator, before DataLoader workers prefetch, so every
+    micro-batch, the first included, has the difficulty of its optimizer step. ``on_train_start`` checks the
+    adoption and, for ``analysis_dir``, that the analysis is of the train dataset. The callback's
+    ``state_dict`` holds the number of micro-batches trained (the loader's state holds the same position
+    with :class:`~lightning_dataeff.curriculum.CurriculumDataLoader`); a resumed run sees the same batches
+    as an uninterrupted one. Logs ``curriculum/<metric>``.
     """
 
     def __init__(
@@ -56,6 +60,8 @@ class CurriculumLearning(Callback):
         self.analysis_dir = analysis_dir
         self.sampler: CurriculumSampler | None = None
         self.consumed = 0  # micro-batches trained (per rank; the same on every rank)
+        self._restored = False
+        self._plan: SamplerPlan | None = None
         self._seqlen_rules = [r for r in self.rules if not r.filters and r.name in SEQLEN_METRICS]
         for rule in self._seqlen_rules:
             if rule.difficulty_type != "value":
@@ -85,53 +91,49 @@ class CurriculumLearning(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Publish the plan the train sampler adopts when Lightning creates its iterator (before prefetching)."""
         if stage != "fit":
             return
-        connector = trainer._accelerator_connector
-        if trainer.world_size > 1 and connector.use_distributed_sampler:
-            raise ValueError(
-                "CurriculumLearning: CurriculumSampler shards batches across ranks itself; create the Trainer "
-                "with use_distributed_sampler=False (Lightning's distributed sampler would replace it)"
-            )
-        # The resume is exact (the sampler restarts at the consumed micro-batch): silence Lightning's
-        # generic warning about resuming a non-stateful dataloader mid-epoch.
-        warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
+        need = [r.name for r in self.rules if r.filters]
+        analysis = load_analysis(self.analysis_dir, metrics=need) if self.analysis_dir is not None and need else None
+        if self._plan is not None:
+            self._plan.deactivate()
+        self._plan = SamplerPlan(
+            world=(trainer.world_size, trainer.global_rank),
+            accumulate=trainer.accumulate_grad_batches,
+            limit_train_batches=trainer.limit_train_batches,
+            rules=list(self.rules) if self.rules else None,
+            analysis=analysis,
+            seed=self.seed,
+            position=self.consumed if self._restored or self.consumed else None,
+            is_training=lambda: trainer.training,
+        ).activate()
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         loader = _find_loader(trainer)
-        sampler = self.sampler = loader.batch_sampler
-        if self.rules:
-            if sampler.rules and sampler.rules != self.rules:
-                raise ValueError(
-                    "CurriculumLearning(metrics=...) and CurriculumSampler(metrics=...) both define metrics; "
-                    "give them to only one of the two"
-                )
-            analysis = sampler.analysis
-            need = [r.name for r in self.rules if r.filters]
-            if self.analysis_dir is not None and need:  # refuses an analysis of another dataset
-                analysis = load_analysis(self.analysis_dir, loader.dataset, metrics=need)
-            sampler.configure(metrics=list(self.rules), analysis=analysis)
-        if self.seed is not None:
-            sampler.seed = self.seed
-        if sampler.num_replicas is None:
-            sampler.num_replicas, sampler.rank = trainer.world_size, trainer.global_rank
-        elif (sampler.num_replicas, sampler.rank or 0) != (trainer.world_size, trainer.global_rank):
-            raise ValueError(
-                f"CurriculumSampler(num_replicas={sampler.num_replicas}, rank={sampler.rank}) does not match the "
-                f"Trainer (world_size={trainer.world_size}, global_rank={trainer.global_rank}); leave them None"
+        sampler = loader.batch_sampler
+        assert isinstance(sampler, CurriculumSampler) and self._plan is not None
+        if self._plan.error is not None:
+            raise self._plan.error
+        if self._plan.sampler is not sampler:
+            raise RuntimeError(
+                "CurriculumLearning: the train CurriculumSampler's iterator was not created by this fit "
+                "(Lightning creates it after CurriculumLearning.setup); build the DataLoader for this trainer"
             )
-        sampler.accumulate = trainer.accumulate_grad_batches
-        sampler.epoch_length = int(trainer.num_training_batches)
-        sampler.set_position(self.consumed)
-        if sampler._live != (self.consumed, sampler.epoch_length, sampler.accumulate, sampler.seed):
-            # Lightning created (and prefetched from) the train iterator before any callback hook ran:
-            # start it again at the consumed position with the Trainer's settings.
-            fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-            if fetcher is None:
-                raise RuntimeError("CurriculumLearning: cannot restart the train iterator (no fit_loop._data_fetcher)")
-            iter(fetcher)
+        if trainer.num_training_batches != self._plan.epoch_length:
+            raise ValueError(
+                f"CurriculumLearning: Lightning runs {trainer.num_training_batches} batches per epoch, the sampler "
+                f"planned {self._plan.epoch_length} (from len(sampler)={len(sampler)} and limit_train_batches="
+                f"{trainer.limit_train_batches}); overfit_batches is not supported"
+            )
+        need = [r.name for r in self.rules if r.filters]
+        if self.analysis_dir is not None and need:  # refuses an analysis of another dataset, before any step
+            load_analysis(self.analysis_dir, loader.dataset, metrics=need)
+        self.sampler = sampler
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning calls set_epoch on a batch sampler's ``.sampler`` only, and may create the next iterator
+        # after this hook even mid-epoch (resuming an end-of-epoch checkpoint): start it at the batches trained.
         if self.sampler is not None:
             self.sampler.set_position(self.consumed)
 
@@ -155,6 +157,16 @@ class CurriculumLearning(Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         self.consumed += 1
 
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self._plan is not None:
+            self._plan.deactivate()
+            self._plan = None
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self._plan is not None:
+            self._plan.deactivate()
+            self._plan = None
+
     def state_dict(self) -> dict[str, Any]:
         seed = self.sampler.seed if self.sampler is not None else self.seed
         return {"consumed": self.consumed, "seed": seed}
@@ -165,6 +177,9 @@ class CurriculumLearning(Callback):
             raise ValueError(f"CurriculumLearning state must be a mapping, got {type(state_dict).__name__}")
         if "consumed" in state_dict:
             self.consumed = check_int("CurriculumLearning state 'consumed'", state_dict["consumed"], 0)
+            self._restored = True
+            if self._plan is not None:  # Lightning restores callbacks after setup: the plan resumes here
+                self._plan.position = self.consumed
         else:
             warnings.warn("CurriculumLearning state has no 'consumed' entry: the curriculum restarts at "
                           "micro-batch 0", stacklevel=2)

@@ -2,7 +2,7 @@
 
 from lightning_dataeff.curriculum.analysis import AnalysisError, MetricAnalysis, load_analysis
 from lightning_dataeff.curriculum.analyzer import analyze, merge_analysis
-from lightning_dataeff.curriculum.sampler import CurriculumSampler, MetricRule, parse_metric_rules
+from lightning_dataeff.curriculum.sampler import CurriculumDataLoader, CurriculumSampler, MetricRule, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import batch_sequence_length, set_batch_sequence_length
 from lightning_dataeff.curriculum.sources import FlatTokens
 
@@ -16,6 +16,7 @@ __all__ = [
     "AnalysisError",
     "FlatTokens",
     "CurriculumSampler",
+    "CurriculumDataLoader",
     "MetricRule",
     "parse_metric_rules",
 ]

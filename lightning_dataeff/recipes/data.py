@@ -77,7 +77,7 @@ def _split_indices(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
 
 
 def _train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
-    from lightning_dataeff.curriculum import CurriculumSampler
+    from lightning_dataeff.curriculum import CurriculumDataLoader, CurriculumSampler
 
     if len(dataset) < batch_size:
         raise RecipeError(
@@ -85,7 +85,8 @@ def _train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int
             f"({len(dataset)} samples)"
         )
     sampler = CurriculumSampler(len(dataset), batch_size, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    # stateful: Lightning checkpoints its position, so a run resumes mid-epoch exactly and without warning
+    return CurriculumDataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------------------------- text

@@ -1,4 +1,5 @@
-"""2-process DDP run on CPU with CurriculumLearning; each rank writes the sample ids it trained on.
+"""2-process DDP run on CPU with CurriculumLearning, 2 persistent DataLoader workers per rank; each rank writes
+the sample ids it trained on.
 
 Usage: python curr_ddp.py OUT_DIR   (launched by tests/test_curriculum.py)
 """
@@ -10,10 +11,9 @@ import sys
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_dataeff.callbacks.curriculum import CurriculumLearning
-from lightning_dataeff.curriculum import CurriculumSampler, analyze
+from lightning_dataeff.curriculum import CurriculumDataLoader, CurriculumSampler, analyze
 
 N, SEQ = 96, 12
 METRICS = {"seqlen": {"difficulty_type": "value", "min_difficulty": 4, "max_difficulty": SEQ,
@@ -69,7 +69,8 @@ def main(out):
         enable_model_summary=False,
         callbacks=[CurriculumLearning(METRICS, seed=11, analysis_dir=os.path.join(out, "analysis"))],
     )
-    trainer.fit(model, DataLoader(data, batch_sampler=CurriculumSampler(N, 3)))
+    loader = CurriculumDataLoader(data, batch_sampler=CurriculumSampler(N, 3), num_workers=2, persistent_workers=True)
+    trainer.fit(model, loader)
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(model.seen, f)
 
