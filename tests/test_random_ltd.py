@@ -35,6 +35,15 @@ hf_logging.set_verbosity_error()
 V, S, H = 32, 8, 16
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run many times faster on one intra-op thread (no thread-pool barriers on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gpt2(attn="sdpa"):
     cfg = GPT2Config(n_layer=4, n_embd=H, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn, bos_token_id=0, eos_token_id=0)
@@ -132,8 +141,8 @@ def test_state_dict_round_trips_and_remove_restores():
     plain = copy.deepcopy(model)
     block_cls = type(model.transformer.h[1])
     apply_random_ltd(model, kept_tokens=4)
-    assert type(model.transformer.h[1]).__name__ == "RandomLTD" + block_cls.__name__
-    assert type(model.transformer.h[0]) is block_cls and type(model.transformer.h[3]) is block_cls
+    assert all(type(b).__name__ == "RandomLTD" + block_cls.__name__ for b in model.transformer.h)  # no hooks
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.transformer.h)
     torch.nn.init.normal_(model.transformer.h[1].mlp.c_fc.weight)
     plain.load_state_dict(model.state_dict())  # patched -> unpatched
     fresh = copy.deepcopy(plain)

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_dataeff._validation import check_int
 
-from .blocks import BlockAdapter, find_blocks, unsupported_model_error, warn_unhandled_args
+from .blocks import _ATTR, BlockAdapter, base_type, find_blocks, unsupported_model_error, warn_unhandled_args
 from .state import RandomLTDState, SharedCalls, TokenCounts
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "count_tokens",
 ]
 
-_ATTR = "_random_ltd"  # per-block _BlockInfo, stored in the instance __dict__ (never a parameter or buffer)
 _ROOT_ATTR = "_random_ltd_applied"  # on the model passed to apply_random_ltd
 _CLASS_CACHE: dict[type, type] = {}
 
@@ -69,6 +68,8 @@ class _BlockInfo:
     base: type
     spec: _CallSpec  # the base class's call spec (looked up once: the forward stays free of caches)
     shared: SharedCalls | None = None  # per-call slots of a block that runs several times per forward
+    first: bool = False  # the model's first block: starts a training forward (state.begin_forward)
+    tracker: _OutputTracker | None = None  # set when a block runs several times per forward
     active: bool = True  # False after remove_random_ltd on a block whose class was derived again (FSDP2)
 
 
@@ -180,23 +181,29 @@ def _ltd_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     x = info.adapter.hidden(self, flat)
     bsz, seq_len = x.shape[0], x.shape[1]
     recompute = _in_backward()
-    slot = info.slot if info.shared is None else _shared_slot(info, self, x, recompute)
     state = info.state
+    if info.first and not recompute and (info.tracker is None or not info.tracker.continues(x)):
+        state.begin_forward(bsz, seq_len)
+    slot = info.slot if info.shared is None else _shared_slot(info, self, x, recompute)
     kept = seq_len if slot is None else state.kept_for(seq_len)
     if not recompute:
         state.add_layer_tokens(bsz * kept)
     if kept >= seq_len:
-        return base_forward(self, *args, **kwargs)
-    idx = state.indices(slot, bsz, seq_len, kept, x.device)
-    if info.adapter.shared_batch:  # one subset per batch (position inputs without a batch dimension)
-        idx = idx[:1].expand(bsz, kept)
-    new = info.adapter.prepare(self, flat, idx)
-    if bound is None:
-        out = _call(info.base, info.spec, self, new)
+        out = base_forward(self, *args, **kwargs)
     else:
-        new_args, new_kwargs = _rebind(bound, new)
-        out = base_forward(*new_args, **new_kwargs)
-    return info.adapter.merge(self, flat, out, idx)
+        idx = state.indices(slot, bsz, seq_len, kept, x.device)
+        if info.adapter.shared_batch:  # one subset per batch (position inputs without a batch dimension)
+            idx = idx[:1].expand(bsz, kept)
+        new = info.adapter.prepare(self, flat, idx)
+        if bound is None:
+            out = _call(info.base, info.spec, self, new)
+        else:
+            new_args, new_kwargs = _rebind(bound, new)
+            out = base_forward(*new_args, **new_kwargs)
+        out = info.adapter.merge(self, flat, out, idx)
+    if info.tracker is not None:
+        info.tracker(self, (), out)
+    return out
 
 
 def _ltd_class(cls: type) -> type:
@@ -279,11 +286,6 @@ def _call_sequence(blocks: list[tuple[str, nn.Module, BlockAdapter]]) -> list[tu
     return calls
 
 
-def _base_class(module: nn.Module) -> type:
-    info = module.__dict__.get(_ATTR)
-    return info.base if info is not None else type(module)
-
-
 def _hook_blocks(blocks: list[tuple[str, nn.Module, BlockAdapter]], calls: list[tuple[int, int]], on_start: Callable,
                  counts: TokenCounts, counted: Iterable[int]) -> list[Any]:
     """Hooks: ``on_start`` on the first block, layer-token counting on the blocks ``counted``, and, when a block
@@ -292,10 +294,10 @@ def _hook_blocks(blocks: list[tuple[str, nn.Module, BlockAdapter]], calls: list[
     tracker = _OutputTracker() if shared else None
     _, first, first_adapter = blocks[0]
     hooks = [first.register_forward_pre_hook(
-        FirstBlockHook(on_start, first_adapter, _base_class(first), tracker), with_kwargs=True)]
+        FirstBlockHook(on_start, first_adapter, base_type(first), tracker), with_kwargs=True)]
     for i in counted:
         _, module, adapter = blocks[i]
-        hooks.append(module.register_forward_pre_hook(_CountHook(counts, adapter, _base_class(module)),
+        hooks.append(module.register_forward_pre_hook(_CountHook(counts, adapter, base_type(module)),
                                                       with_kwargs=True))
     if tracker is not None:
         hooks.extend(module.register_forward_hook(tracker) for _, module, _ in blocks)
@@ -398,18 +400,18 @@ def apply_random_ltd(
         kept_tokens=kept_tokens, layers=layer_ids, num_layers=len(calls), keep_positions=keep_positions, seed=seed
     )
     warn_unhandled_args((blocks[i][1], blocks[i][2]) for i in chosen)
-    hooks = _hook_blocks(blocks, calls, state.begin_forward, state, [i for i in per_block if i not in chosen])
-    patched = []
-    for i in chosen:
-        _, module, adapter = blocks[i]
+    tracker = _OutputTracker() if len(calls) > len(blocks) else None
+    patched = []  # every block (no hooks: a hook would turn off the eval fast path of nn.TransformerEncoderLayer)
+    for i, (_, module, adapter) in enumerate(blocks):
         slots = per_block[i]
         shared = None if len(slots) == 1 else SharedCalls(slots)
         if shared is not None:
             state.shared.append(shared)
-        module.__dict__[_ATTR] = _BlockInfo(state, slots[0], adapter, type(module), _spec(type(module)), shared)
+        module.__dict__[_ATTR] = _BlockInfo(state, slots[0], adapter, type(module), _spec(type(module)), shared,
+                                            first=i == 0, tracker=tracker)
         module.__class__ = _ltd_class(type(module))
         patched.append(module)
-    model.__dict__[_ROOT_ATTR] = _Applied(state, [b[1] for b in blocks], patched, hooks)
+    model.__dict__[_ROOT_ATTR] = _Applied(state, [b[1] for b in blocks], patched)
     return state
 
 

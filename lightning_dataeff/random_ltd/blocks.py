@@ -39,6 +39,8 @@ __all__ = [
     "unsupported_model_error",
 ]
 
+_ATTR = "_random_ltd"  # per-block state of a patched block, in the instance __dict__ (see apply.py)
+
 # Arguments of Hugging Face blocks that are not indexed by token position (passed through unchanged).
 _STATIC = (
     "encoder_hidden_states",  # cross-attention keys/values: every encoder token stays
@@ -505,10 +507,16 @@ def _first_param(cls: type) -> str | None:
     return params[0].name if params else None
 
 
+def base_type(module: nn.Module) -> type:
+    """The class of ``module`` before random-LTD surgery (its own class when it is not patched)."""
+    info = module.__dict__.get(_ATTR)
+    return info.base if info is not None else type(module)
+
+
 def _repeated(module: nn.Module) -> type | None:
     """The class of ``module``'s elements when it is a non-empty ModuleList/Sequential of one class."""
     if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module):
-        classes = {type(m) for m in module}
+        classes = {base_type(m) for m in module}
         if len(classes) == 1:
             return classes.pop()
     return None
@@ -563,7 +571,7 @@ def find_blocks(
         if allowed is not None and not isinstance(module, allowed):
             continue
         adapter = adapter_for(type(module))
-        if adapter is None and type(module) in discovered:
+        if adapter is None and base_type(module) in discovered:
             adapter = _HF
         if adapter is not None:
             found.append((name, module, adapter))
