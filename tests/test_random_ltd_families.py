@@ -206,7 +206,7 @@ FAMILIES: dict[str, Family] = {
     "clip_vision": Family("CLIPEncoderLayer", hf("CLIPVisionConfig", "CLIPVisionModel", **VIS), "vision",
                           padding=False),
     "whisper_encoder": Family("WhisperEncoderLayer",
-                              hf("WhisperConfig", "WhisperModel", **WHISPER), 
+                              hf("WhisperConfig", "WhisperModel", **WHISPER),
                               "speech", blocks=6, padding=False, others=("WhisperDecoderLayer",)),
     "bart_encoder": Family("BartEncoderLayer", hf("BartConfig", "BartModel", **S2S), "seq2seq", blocks=6,
                            others=("BartDecoderLayer",)),
