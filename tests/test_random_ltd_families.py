@@ -521,3 +521,219 @@ def test_padding_isolated_while_dropping(name):
         b = encoder_output(model(**changed, attention_mask=mask))
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a[real], b[real], rtol=0, atol=1e-5)
+
+
+# --- family-specific behaviour --------------------------------------------------------------------------------
+def _calls_of(module: nn.Module):
+    """Record ``(input hidden states, output hidden states)`` of every call of ``module``."""
+    seen = []
+
+    def hook(mod, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        seen.append((x, _first(output)))
+
+    return seen, module.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_t5_block_owning_the_relative_bias_drops_on_true_positions():
+    """T5's first block computes the relative position bias; dropping in it uses the bias of the true
+    positions (its compute_bias over the full length, restricted), and the next block gets the full bias."""
+    model = model_of("t5_encoder")
+    block = model.encoder.block[0]
+    ref_block = copy.deepcopy(block)
+    state = apply_random_ltd(model, kept_tokens=4, layers=[0], keep_positions=(), seed=2)
+    seen = []
+    handle = block.register_forward_hook(lambda m, a, k, o: seen.append((a, k, o)), with_kwargs=True)
+    _rewind(state)
+    model(**inputs_of("t5_encoder"))
+    handle.remove()
+    (x, mask, *_), kwargs, out = seen[0]
+    assert out[1].shape == (1, 2, S, S)  # the full bias goes on to block 1
+    idx = state.last_indices[0]
+    full = ref_block.layer[0].SelfAttention.compute_bias(S, S)
+    for b in range(B):
+        i = idx[b]
+        ref = ref_block(x[b:b + 1, i], attention_mask=None if mask is None else _rows_cols(mask, b, i, True),
+                        position_bias=full[:, :, i][..., i])[0]
+        torch.testing.assert_close(out[0][b, i], ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma2_sliding_window_acts_on_true_positions():
+    """The mask Gemma2's attention receives while dropping is HF's sliding-window mask function evaluated at
+    the kept tokens' true positions, not at their indices in the kept subset."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    model = model_of("gemma2")
+    state = apply_random_ltd(model, kept_tokens=4, layers=[1], keep_positions=(), seed=2)
+    masks = []
+    attn = model.model.layers[1].self_attn
+    handle = attn.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]), with_kwargs=True)
+    _rewind(state)
+    model(**inputs_of("gemma2"))
+    handle.remove()
+    fn = sliding_window_causal_mask_function(model.config.sliding_window)
+    got = masks[0] > torch.finfo(masks[0].dtype).min / 2
+    for b in range(B):
+        pos = state.last_indices[0][b]
+        want = fn(b, 0, pos[:, None], pos[None, :])
+        assert torch.equal(got[b, 0], want)
+        k = torch.arange(len(pos))
+        assert not torch.equal(fn(b, 0, k[:, None], k[None, :]), want)  # the window on indices would differ
+
+
+@pytest.mark.parametrize("name", ["bart_decoder", "mbart_decoder"])
+def test_cross_attention_queries_kept_tokens_keys_all_encoder_tokens(name):
+    model = model_of(name)
+    apply_random_ltd(model, kept_tokens=3, layers=[4])
+    shapes = []
+    attn = model.decoder.layers[1].encoder_attn
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: shapes.append((tuple((a or (k["hidden_states"],))[0].shape),
+                                       tuple(k["key_value_states"].shape))), with_kwargs=True)
+    model(**inputs_of(name, pad=PAD))
+    handle.remove()
+    assert shapes == [((B, 3, H), (B, S, H))]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_router_sees_only_kept_tokens(name):
+    model = model_of(name)
+    apply_random_ltd(model, kept_tokens=3)
+    rows = []
+    handles = [layer.mlp.gate.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+               for layer in model.model.layers]
+    model(**inputs_of(name))
+    for h in handles:
+        h.remove()
+    assert rows == [B * S, B * 3, B * S]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_auxiliary_loss_trains_the_routers_on_kept_tokens(name):
+    """HF's load-balancing loss over the router logits recorded per layer (kept tokens in dropping layers)."""
+    model = model_of(name)
+    apply_random_ltd(model, kept_tokens=3)
+    ids = inputs_of(name)["input_ids"]
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    assert [r.shape[0] for r in out.router_logits] == [B * S, B * 3, B * S]
+    assert torch.isfinite(out.aux_loss)
+    out.aux_loss.backward()
+    grad = model.model.layers[1].mlp.gate.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_albert_only_the_chosen_depths_drop_each_with_its_own_indices():
+    """ALBERT runs one shared layer at every depth: layers=[0, 2] drops at depths 0 and 2 only."""
+    model = model_of("albert")
+    layer = model.encoder.albert_layer_groups[0].albert_layers[0]
+    state = apply_random_ltd(model, kept_tokens=4, layers=[0, 2], keep_positions=(), seed=2)
+    seen, handle = _calls_of(layer)
+    _rewind(state)
+    model(**inputs_of("albert"))
+    handle.remove()
+    unchanged = [(x == y).all(-1) for x, y in seen]
+    assert [int(u.sum()) for u in unchanged] == [B * (S - 4), 0, B * (S - 4)]
+    for depth, slot in ((0, 0), (2, 1)):
+        kept = torch.zeros(B, S, dtype=torch.bool)
+        kept[torch.arange(B)[:, None], state.last_indices[slot]] = True
+        assert torch.equal(~unchanged[depth], kept)
+    assert not torch.equal(state.last_indices[0], state.last_indices[1])
+
+
+def test_albert_counts_every_depth_once_per_forward():
+    model = model_of("albert")
+    state = apply_random_ltd(model, kept_tokens=3)
+    model(**inputs_of("albert"))
+    assert (state.consumed_tokens, state.consumed_layer_tokens) == (B * S, B * (S + 3 + S))
+
+
+def test_albert_recomputed_under_checkpointing_uses_each_depths_indices():
+    model, ref = model_of("albert"), model_of("albert")
+    sa = apply_random_ltd(model, kept_tokens=3)
+    sb = apply_random_ltd(ref, kept_tokens=3)
+    ids = inputs_of("albert")["input_ids"]
+    _rewind(sa)
+    _rewind(sb)
+    ya = torch.utils.checkpoint.checkpoint(lambda i: model(input_ids=i).last_hidden_state, ids, use_reentrant=False)
+    yb = ref(input_ids=ids).last_hidden_state
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert sa.consumed_layer_tokens == sb.consumed_layer_tokens == B * (S + 3 + S)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_encoder_decoder_counts_each_side_at_its_length():
+    model = model_of("bart_encoder")  # encoder 8 tokens, decoder 6; default layers: encoder 1-2, decoder 0-1
+    state = apply_random_ltd(model, kept_tokens=3)
+    model(**inputs_of("bart_encoder"))
+    assert (state.consumed_tokens, state.consumed_layer_tokens) == (B * S, B * (S + 3 + 3 + 3 + 3 + 6))
+
+
+def test_baseline_counter_counts_every_call_of_a_shared_layer():
+    from lightning_dataeff.random_ltd import count_tokens
+
+    model = model_of("albert")
+    counter = count_tokens(model)
+    model(**inputs_of("albert"))
+    assert (counter.consumed_tokens, counter.consumed_layer_tokens) == (B * S, B * S * 3)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(H, H)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class PlainModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[PlainBlock() for _ in range(3)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_unsupported_model_error_names_the_block_and_the_line_to_try():
+    line = f"register_block({__name__}.PlainBlock, BlockAdapter('x'))"
+    with pytest.raises(ValueError, match=r"its repeated block is PlainBlock \(3 in blocks\).*" + line.replace(
+            "(", r"\(").replace(")", r"\)")):
+        apply_random_ltd(PlainModel(), kept_tokens=2)
+
+
+class RelBlock(nn.Module):
+    """A block taking a relative-position tensor its adapter does not know about."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(H, H)
+
+    def forward(self, hidden_states, rel_pos=None):
+        out = self.lin(hidden_states)
+        return out if rel_pos is None else out + rel_pos.sum(-1, keepdim=True)
+
+
+register_block(RelBlock)
+
+
+def _rel_model():
+    return nn.Sequential(*[RelBlock() for _ in range(3)])
+
+
+def test_unhandled_position_argument_warns_at_apply_time():
+    with pytest.warns(UserWarning, match="RelBlock.forward takes 'rel_pos'.*does not gather"):
+        apply_random_ltd(_rel_model(), kept_tokens=2)
+
+
+def test_unhandled_position_argument_raises_while_dropping():
+    model = _rel_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_random_ltd(model, kept_tokens=2)
+    model.train()
+    with pytest.raises(ValueError, match="RelBlock got 'rel_pos' with a dimension of the sequence length"):
+        model[1](torch.randn(B, S, H), rel_pos=torch.randn(B, S, S))

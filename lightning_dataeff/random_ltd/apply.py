@@ -150,13 +150,14 @@ def _input_key(x: torch.Tensor) -> tuple:
 def _shared_slot(info: _BlockInfo, module: nn.Module, x: torch.Tensor, recompute: bool) -> int | None:
     """The slot of this call of a block that runs several times per forward."""
     calls = info.shared
-    if recompute:
-        n = calls.by_input.get(_input_key(x))
-        if n is None:
+    if recompute:  # an input saved by the checkpoint, else the call after the last recomputed one (or the first)
+        n = calls.by_input.get(_input_key(x), 0 if calls.cursor is None else calls.cursor)
+        if n >= len(calls.slots):
             raise RuntimeError(
                 f"random-LTD: cannot tell which depth of the shared block {type(module).__name__} is recomputed in "
-                "backward (its input is not one it saw in the forward); checkpoint whole shared-layer calls"
+                "backward (more recomputed calls than calls in the forward)"
             )
+        calls.cursor = n + 1
         return calls.slots[n]
     n = calls.count
     if n >= len(calls.slots):

@@ -90,17 +90,20 @@ class SharedCalls:
 
     ``slots[c]`` is the random-LTD row of the ``c``-th call (None: that depth does not drop). Calls are
     numbered in forward order; a recomputation in backward (activation checkpointing) finds its number from
-    the identity of its input, recorded in the forward.
+    its input, recorded in the forward, or, for an input computed again by the recomputation (a checkpointed
+    segment spanning several calls), as the call after the previous one recomputed (the first call when none was).
     """
 
     def __init__(self, slots: Sequence[int | None]) -> None:
         self.slots = tuple(slots)
         self.count = 0
         self.by_input: dict[tuple, int] = {}
+        self.cursor: int | None = None  # next call number while recomputing a checkpointed segment
 
     def reset(self) -> None:
         self.count = 0
         self.by_input = {}
+        self.cursor = None
 
 
 class RandomLTDState(TokenCounts):
