@@ -737,3 +737,10 @@ def test_unhandled_position_argument_raises_while_dropping():
     model.train()
     with pytest.raises(ValueError, match="RelBlock got 'rel_pos' with a dimension of the sequence length"):
         model[1](torch.randn(B, S, H), rel_pos=torch.randn(B, S, S))
+
+
+def test_num_layers_counts_a_shared_layer_once_per_call():
+    from lightning_dataeff.random_ltd import num_layers
+
+    model = model_of("albert")
+    assert len(find_blocks(model)) == 1 and num_layers(model) == 3

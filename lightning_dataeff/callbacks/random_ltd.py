@@ -15,7 +15,7 @@ from lightning_dataeff.random_ltd import (
     RandomLTDState,
     apply_random_ltd,
     check_keep_positions,
-    find_blocks,
+    num_layers,
     remove_random_ltd,
 )
 
@@ -44,7 +44,7 @@ class RandomLTD(LengthRampCallback):
         root_degree: root degree of ``fixed_root``.
         layers: block indices that drop tokens (default every block but the first and the last).
         keep_positions: positions never dropped. ``None`` (default): the block adapter's default, the
-            CLS token (position 0) for ViT/Dinov2/BERT-family encoders (0 and 1 for DeiT), none for
+            CLS token (position 0) for ViT/Dinov2/CLIP/BERT-family/ALBERT encoders (0 and 1 for DeiT), none for
             decoders; an explicit value, ``()`` included, overrides it.
         seed: base seed of the token sampling (indices depend on seed, step, rank).
         block_types: restrict block matching to these registered classes.
@@ -179,10 +179,10 @@ class RandomLTD(LengthRampCallback):
 
     # helpers --------------------------------------------------------------------------------------
     def _apply(self, pl_module: pl.LightningModule) -> None:
-        blocks = find_blocks(pl_module, self.block_types)
-        if self.expected_num_layers is not None and blocks and len(blocks) != self.expected_num_layers:
+        found = num_layers(pl_module, self.block_types)  # a shared layer (ALBERT) counts once per call
+        if self.expected_num_layers is not None and found and found != self.expected_num_layers:
             raise ValueError(
-                f"random_ltd.total_layer_num is {self.expected_num_layers} but the model has {len(blocks)} "
+                f"random_ltd.total_layer_num is {self.expected_num_layers} but the model has {found} "
                 "transformer blocks"
             )
         previous = self._state  # a second fit continues the counters

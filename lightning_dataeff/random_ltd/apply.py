@@ -31,6 +31,7 @@ __all__ = [
     "FirstBlockHook",
     "BlockTokenCounter",
     "count_tokens",
+    "num_layers",
 ]
 
 _ROOT_ATTR = "_random_ltd_applied"  # on the model passed to apply_random_ltd
@@ -456,6 +457,13 @@ def count_tokens(
     counted = range(len(blocks)) if num_layers is None else ()
     counter._handles = _hook_blocks(blocks, calls, counter, counter, counted)
     return counter
+
+
+def num_layers(model: nn.Module, block_types: Iterable[type] | None = None) -> int:
+    """Transformer blocks of ``model`` (0 if none), a shared block counted once per call: the length of the
+    list that ``layers`` indexes (``RandomLTDState.num_layers``)."""
+    blocks = find_blocks(model, block_types)
+    return len(_call_sequence(blocks)) if blocks else 0
 
 
 def random_ltd_state(model: nn.Module) -> RandomLTDState | None:
