@@ -524,3 +524,34 @@ def test_layer_token_lr_scheduler():
     ]:
         with pytest.raises(ValueError, match=msg):
             LayerTokenLRScheduler(opt, counter=lambda: 0, **kwargs)
+
+
+def test_hashed_indices_are_uniform_over_positions():
+    """The counter-based draw keeps every position equally often (and pairs of positions too). Torch path of
+    the selection (the Triton interpreter would run 1000 programs per draw); both select the same indices."""
+    from lightning_dataeff.kernels import use_torch_kernels
+    from lightning_dataeff.random_ltd import RandomLTDState
+
+    state = RandomLTDState(kept_tokens=3, layers=list(range(50)), num_layers=50)
+    counts, pairs = torch.zeros(S), torch.zeros(S, S)
+    for step in range(20):
+        state.step = step
+        state.begin_forward(20, S)
+        with use_torch_kernels():
+            idx = state.indices(0, 20, S, 3, torch.device("cpu"))
+        rows = state.last_indices.reshape(-1, 3)  # 50 layers x 20 samples per step
+        hot = torch.zeros(rows.shape[0], S).scatter_(1, rows, 1.0)
+        counts += hot.sum(0)
+        pairs += hot.T @ hot
+        assert idx.shape == (20, 3)
+    n = 20 * 50 * 20
+    torch.testing.assert_close(counts / n, torch.full((S,), 3 / S), rtol=0, atol=0.015)
+    off = ~torch.eye(S, dtype=torch.bool)
+    torch.testing.assert_close((pairs / n)[off], torch.full((S * S - S,), 3 * 2 / (S * (S - 1))), rtol=0, atol=0.015)
+
+
+def test_sample_token_indices_rejects_random_bits_of_the_wrong_shape():
+    from lightning_dataeff.kernels import sample_token_indices
+
+    with pytest.raises(ValueError, match=r"random_bits has shape \(2, 8\); expected \(4, 8\)"):
+        sample_token_indices(2, 8, 3, 2, random_bits=torch.zeros(2, 8, dtype=torch.int64))
