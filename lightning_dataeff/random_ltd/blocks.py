@@ -5,9 +5,9 @@ Blocks are recognised by type, never by module name:
 * classes registered here or with :func:`register_block` (the class or one of its bases), for blocks whose
   arguments need their own :class:`BlockAdapter` (ALiBi and relative position biases, CLS tokens, shared layers);
 * in any Hugging Face ``PreTrainedModel``, the elements of an ``nn.ModuleList`` whose class is named in the
-  model's ``_no_split_modules`` (the repeated blocks ``accelerate`` keeps on one device) or, when that list
-  is empty, of a ModuleList of two or more modules of one class; their ``forward`` must take
-  ``hidden_states`` first. These run with :class:`HFBlockAdapter` (masks, position ids, rotary tables).
+  model's ``_no_split_modules`` (the repeated blocks ``accelerate`` keeps on one device) and whose ``forward``
+  takes ``hidden_states`` first. These run with :class:`HFBlockAdapter` (masks, position ids, rotary tables).
+  (A model with an empty list is not searched further: its ModuleLists may hold convolutions.)
 
 Hugging Face classes are registered by import path, so this module does not import ``transformers``.
 """
@@ -536,9 +536,8 @@ def _discovered_classes(model: nn.Module) -> set[type]:
         no_split = set(root._no_split_modules or ())
         for module in root.modules():
             cls = _repeated(module)
-            if cls is None or not isinstance(module, nn.ModuleList) or _first_param(cls) != "hidden_states":
-                continue
-            if (cls.__name__ in no_split) if no_split else len(module) >= 2:
+            if (cls is not None and isinstance(module, nn.ModuleList) and cls.__name__ in no_split
+                    and _first_param(cls) == "hidden_states"):
                 found.add(cls)
     return found
 
