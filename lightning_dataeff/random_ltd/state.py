@@ -114,6 +114,9 @@ class RandomLTDState(TokenCounts):
             is not longer than this runs untouched.
         kept_tokens_fn: optional ``fn(seq_len) -> kept``; when set it replaces ``kept_tokens`` (the
             RandomLTD callback uses it when the schedule ends at each batch's full length).
+        kept_by_length: ``{seq_len: kept}`` looked up before ``kept_tokens_fn``; the callback fills it before each
+            step for the lengths seen so far, so a compiled step reads a table instead of evaluating the
+            schedule at the current step (which would recompile every step).
         layers: indices (into the ordered list of matched blocks, one per call for shared layers) of the
             blocks that drop tokens.
         num_layers: number of matched transformer blocks (block calls per forward) in the model.
@@ -146,6 +149,7 @@ class RandomLTDState(TokenCounts):
         self._kept_tokens = 0
         self.kept_tokens = kept_tokens
         self.kept_tokens_fn: Callable[[int], int] | None = None
+        self.kept_by_length: dict[int, int] = {}
         self.last_indices: torch.Tensor | None = None
         self.last_kept_tokens: int | None = None
         self.last_seq_len: int | None = None
@@ -171,8 +175,11 @@ class RandomLTDState(TokenCounts):
         self._kept_tokens = value
 
     def kept_for(self, seq_len: int) -> int:
-        """Tokens kept per sample for an input of ``seq_len`` tokens (never more than ``seq_len``)."""
-        kept = self.kept_tokens_fn(seq_len) if self.kept_tokens_fn is not None else self._kept_tokens
+        """Tokens kept per sample for an input of ``seq_len`` tokens (never more than ``seq_len``):
+        ``kept_by_length[seq_len]`` when set, else ``kept_tokens_fn(seq_len)``, else ``kept_tokens``."""
+        kept = self.kept_by_length.get(seq_len)
+        if kept is None:
+            kept = self.kept_tokens_fn(seq_len) if self.kept_tokens_fn is not None else self._kept_tokens
         return max(min(int(kept), seq_len), min(len(self.keep_positions), seq_len))
 
     # step and forward bookkeeping ------------------------------------------------------------------
