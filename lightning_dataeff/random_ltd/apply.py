@@ -1,8 +1,9 @@
 """In-place surgery: turn a model's transformer blocks into random-LTD blocks and back.
 
-Each selected block keeps its identity, parameters and ``state_dict`` keys: only its ``__class__`` is
-swapped to a cached subclass whose ``forward`` gathers the kept tokens (and what attention needs about
-them), runs the original ``forward`` on them and scatters the result back. Dropped tokens skip the block.
+Every found block keeps its identity, parameters and ``state_dict`` keys: only its ``__class__`` is
+swapped to a cached subclass whose ``forward``, in a dropping block, gathers the kept tokens (and what
+attention needs about them), runs the original ``forward`` on them and scatters the result back (dropped
+tokens skip the block); the other blocks run their original ``forward`` and count their tokens. No hooks.
 A block that runs several times per forward (shared layers) has one slot per call.
 """
 

@@ -37,6 +37,9 @@ __all__ = [
     "registered_blocks",
     "supported_block_names",
     "unsupported_model_error",
+    "base_type",
+    "check_block_signature",
+    "warn_unhandled_args",
 ]
 
 _ATTR = "_random_ltd"  # per-block state of a patched block, in the instance __dict__ (see apply.py)
