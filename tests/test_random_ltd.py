@@ -35,6 +35,15 @@ hf_logging.set_verbosity_error()
 V, S, H = 32, 8, 16
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run many times faster on one intra-op thread (no thread-pool barriers on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gpt2(attn="sdpa"):
     cfg = GPT2Config(n_layer=4, n_embd=H, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn, bos_token_id=0, eos_token_id=0)
@@ -132,8 +141,8 @@ def test_state_dict_round_trips_and_remove_restores():
     plain = copy.deepcopy(model)
     block_cls = type(model.transformer.h[1])
     apply_random_ltd(model, kept_tokens=4)
-    assert type(model.transformer.h[1]).__name__ == "RandomLTD" + block_cls.__name__
-    assert type(model.transformer.h[0]) is block_cls and type(model.transformer.h[3]) is block_cls
+    assert all(type(b).__name__ == "RandomLTD" + block_cls.__name__ for b in model.transformer.h)  # no hooks
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.transformer.h)
     torch.nn.init.normal_(model.transformer.h[1].mlp.c_fc.weight)
     plain.load_state_dict(model.state_dict())  # patched -> unpatched
     fresh = copy.deepcopy(plain)
@@ -301,23 +310,23 @@ def test_keep_positions_defaults_of_registered_vision_blocks():
 
 
 def test_fast_argument_binding_matches_inspect():
-    from lightning_dataeff.random_ltd.apply import _bind, _call, _flatten
+    from lightning_dataeff.random_ltd.apply import _bind, _call, _flatten, _spec
 
     class Block(nn.Module):
         def forward(self, hidden_states, attention_mask=None, /, scale=1.0, *, use_cache=False, **kw):
             return hidden_states * scale, attention_mask, use_cache, kw
 
-    blk, x = Block(), torch.ones(1, 2, 3)
+    blk, x, spec = Block(), torch.ones(1, 2, 3), _spec(Block)
     for args, kwargs in [((x,), {}), ((x, None), {"scale": 2.0, "extra": 1}), ((x, None, 3.0), {"use_cache": True})]:
-        flat = _flatten(Block, args, kwargs)
+        flat = _flatten(spec, args, kwargs)
         ref = {k: v for k, v in _bind(Block, blk, args, kwargs)[1].items() if k != "self"}
         assert flat.keys() == ref.keys() and all(flat[k] is ref[k] for k in ref)
-        got, want = _call(Block, blk, flat), Block.forward(blk, *args, **kwargs)
+        got, want = _call(Block, spec, blk, flat), Block.forward(blk, *args, **kwargs)
         assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
-    assert _flatten(Block, (x, None, 2.0, 4), {}) is None  # too many positionals: inspect raises the TypeError
+    assert _flatten(spec, (x, None, 2.0, 4), {}) is None  # too many positionals: inspect raises the TypeError
     with pytest.raises(TypeError):
         _bind(Block, blk, (x, None, 2.0), {"scale": 3.0})
-    assert _flatten(Block, (x, None, 2.0), {"scale": 3.0}) is None  # given twice: left to inspect/forward
+    assert _flatten(spec, (x, None, 2.0), {"scale": 3.0}) is None  # given twice: left to inspect/forward
 
 
 def test_indices_sorted_reproducible_and_keep_positions():
@@ -398,33 +407,54 @@ def test_layer_token_accounting():
     assert count_layer_tokens(1024, 128, 24, 22) == 1024 * 2 + 128 * 22
 
 
-def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="no transformer block.*GPT2Block.*register_block"):
-        apply_random_ltd(nn.Linear(2, 2), kept_tokens=4)
-    model, _ = make("gpt2")
-    with pytest.raises(IndexError, match="block index 4 is out of range.*4 blocks"):
-        apply_random_ltd(model, kept_tokens=4, layers=[1, 4])
-    with pytest.raises(ValueError, match="duplicate"):
-        apply_random_ltd(model, kept_tokens=4, layers=[1, 1])
-    with pytest.raises(TypeError, match="not an integer"):
-        apply_random_ltd(model, kept_tokens=4, layers=[1.0])
-    with pytest.raises(ValueError, match="kept_tokens must be a positive integer"):
-        apply_random_ltd(model, kept_tokens=0)
-    with pytest.raises(ValueError, match="keep_positions"):
-        apply_random_ltd(model, kept_tokens=4, keep_positions=[-1])
-    with pytest.raises(ValueError, match="kept_tokens .1. must be >= the number of keep_positions"):
-        apply_random_ltd(model, kept_tokens=1, keep_positions=[0, 1])
-    with pytest.raises(ValueError, match="block_types.*not a registered block"):
-        apply_random_ltd(model, kept_tokens=4, block_types=[nn.Linear])
-    with pytest.raises(ValueError, match="not applied"):
-        remove_random_ltd(model)
+def _two_block_encoder():
     two = TorchEncoder()
     two.enc.layers = two.enc.layers[:2]
+    return two
+
+
+APPLY_ERRORS = {
+    "out-of-range layer": (IndexError, "block index 4 is out of range.*4 blocks", dict(layers=[1, 4])),
+    "duplicate layers": (ValueError, "duplicate", dict(layers=[1, 1])),
+    "float layer": (TypeError, "not an integer", dict(layers=[1.0])),
+    "kept_tokens 0": (ValueError, "kept_tokens must be a positive integer", dict(kept_tokens=0)),
+    "negative keep position": (ValueError, "keep_positions", dict(keep_positions=[-1])),
+    "fewer kept than keep_positions": (ValueError, "kept_tokens .1. must be >= the number of keep_positions",
+                                       dict(kept_tokens=1, keep_positions=[0, 1])),
+    "unregistered block_types": (ValueError, "block_types.*neither a registered block", dict(block_types=[nn.Linear])),
+}
+
+
+@pytest.mark.parametrize("case", list(APPLY_ERRORS))
+def test_apply_errors_name_the_problem(case):
+    exc, msg, kwargs = APPLY_ERRORS[case]
+    model, _ = make("gpt2")
+    with pytest.raises(exc, match=msg):
+        apply_random_ltd(model, **{"kept_tokens": 4, **kwargs})
+
+
+def test_error_without_blocks_says_what_to_register():
+    with pytest.raises(ValueError, match="no transformer block found in Linear.*register_block"):
+        apply_random_ltd(nn.Linear(2, 2), kept_tokens=4)
+
+
+def test_error_remove_when_not_applied():
+    with pytest.raises(ValueError, match="not applied"):
+        remove_random_ltd(make("gpt2")[0])
+
+
+def test_error_default_layers_of_a_two_block_model():
     with pytest.raises(ValueError, match="2 transformer block.*pass layers explicitly"):
-        apply_random_ltd(two, kept_tokens=4)
+        apply_random_ltd(_two_block_encoder(), kept_tokens=4)
+
+
+def test_error_register_block_with_a_non_adapter():
     with pytest.raises(TypeError, match="BlockAdapter"):
         register_block(nn.Linear, adapter="x")
-    state = apply_random_ltd(model, kept_tokens=4)
+
+
+def test_error_negative_kept_tokens_on_the_state():
+    state = apply_random_ltd(make("gpt2")[0], kept_tokens=4)
     with pytest.raises(ValueError, match="kept_tokens"):
         state.kept_tokens = -2
 
@@ -494,3 +524,34 @@ def test_layer_token_lr_scheduler():
     ]:
         with pytest.raises(ValueError, match=msg):
             LayerTokenLRScheduler(opt, counter=lambda: 0, **kwargs)
+
+
+def test_hashed_indices_are_uniform_over_positions():
+    """The counter-based draw keeps every position equally often (and pairs of positions too). Torch path of
+    the selection (the Triton interpreter would run 1000 programs per draw); both select the same indices."""
+    from lightning_dataeff.kernels import use_torch_kernels
+    from lightning_dataeff.random_ltd import RandomLTDState
+
+    state = RandomLTDState(kept_tokens=3, layers=list(range(50)), num_layers=50)
+    counts, pairs = torch.zeros(S), torch.zeros(S, S)
+    for step in range(20):
+        state.step = step
+        state.begin_forward(20, S)
+        with use_torch_kernels():
+            idx = state.indices(0, 20, S, 3, torch.device("cpu"))
+        rows = state.last_indices.reshape(-1, 3)  # 50 layers x 20 samples per step
+        hot = torch.zeros(rows.shape[0], S).scatter_(1, rows, 1.0)
+        counts += hot.sum(0)
+        pairs += hot.T @ hot
+        assert idx.shape == (20, 3)
+    n = 20 * 50 * 20
+    torch.testing.assert_close(counts / n, torch.full((S,), 3 / S), rtol=0, atol=0.015)
+    off = ~torch.eye(S, dtype=torch.bool)
+    torch.testing.assert_close((pairs / n)[off], torch.full((S * S - S,), 3 * 2 / (S * (S - 1))), rtol=0, atol=0.015)
+
+
+def test_sample_token_indices_rejects_random_bits_of_the_wrong_shape():
+    from lightning_dataeff.kernels import sample_token_indices
+
+    with pytest.raises(ValueError, match=r"random_bits has shape \(2, 8\); expected \(4, 8\)"):
+        sample_token_indices(2, 8, 3, 2, random_bits=torch.zeros(2, 8, dtype=torch.int64))

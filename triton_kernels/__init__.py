@@ -37,6 +37,7 @@ def sample_token_indices(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     keep_positions: Iterable[int] = (),
+    random_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Independent uniform random subsets of token positions for every (layer, sample).
 
@@ -44,6 +45,10 @@ def sample_token_indices(
     ``keep_positions`` (negative values count from the end) are always included; the remaining slots are a
     uniform random subset of the other positions. Deterministic given ``generator`` (or the global seed).
     ``device`` defaults to the generator's device, else CPU. No limit on ``seq_len``.
+
+    ``random_bits`` (``int64[num_layers * batch_size, seq_len]``, uniform in ``[0, 2**63)``, e.g. from a
+    counter-based hash) replaces the draw from ``generator``: the subsets are then a pure function of the bits,
+    on their device (no generator, so ``torch.compile`` traces it without a graph break).
     """
     batch_size = as_int(batch_size, "batch_size", 1)
     seq_len = as_int(seq_len, "seq_len", 1)
@@ -51,6 +56,18 @@ def sample_token_indices(
     num_layers = as_int(num_layers, "num_layers", 1)
     if num_keep > seq_len:
         raise ValueError(f"num_keep={num_keep} exceeds seq_len={seq_len}")
+    if random_bits is not None:
+        if generator is not None:
+            raise ValueError("pass generator or random_bits, not both")
+        if not isinstance(random_bits, torch.Tensor) or random_bits.dtype != torch.int64:
+            raise TypeError("random_bits must be an int64 tensor")
+        if tuple(random_bits.shape) != (num_layers * batch_size, seq_len):
+            raise ValueError(
+                f"random_bits has shape {tuple(random_bits.shape)}; expected "
+                f"({num_layers * batch_size}, {seq_len}) = (num_layers * batch_size, seq_len)"
+            )
+        keep = _keep_mask(keep_positions, seq_len, num_keep, random_bits.device)
+        return _select(random_bits, keep, num_keep).view(num_layers, batch_size, num_keep)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     dev = torch.device(device) if device is not None else (generator.device if generator is not None else None)
@@ -59,14 +76,17 @@ def sample_token_indices(
         raise ValueError(f"generator is on {generator.device} but device={dev}")
     keep = _keep_mask(keep_positions, seq_len, num_keep, dev)
     bits = torch.empty(num_layers * batch_size, seq_len, dtype=torch.int64, device=dev).random_(generator=generator)
+    return _select(bits, keep, num_keep).view(num_layers, batch_size, num_keep)
+
+
+def _select(bits: torch.Tensor, keep: torch.Tensor | None, num_keep: int) -> torch.Tensor:
+    """Positions of the ``num_keep`` smallest sampling keys of every row of ``bits``, ascending."""
     if use_triton(bits):
         from .sampling import select_smallest_triton
 
         with device_of(bits):
-            idx = select_smallest_triton(bits, num_keep, keep)
-    else:
-        idx = reference.select_smallest(reference.sampling_keys(bits, keep), num_keep)
-    return idx.view(num_layers, batch_size, num_keep)
+            return select_smallest_triton(bits, num_keep, keep)
+    return reference.select_smallest(reference.sampling_keys(bits, keep), num_keep)
 
 
 def _keep_mask(keep_positions: Iterable[int], seq_len: int, num_keep: int, device: torch.device) -> torch.Tensor | None:

@@ -37,7 +37,12 @@ def use_torch_kernels(enabled: bool = True) -> Iterator[None]:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the kernels for tensor ``t`` run in Triton (True) or in torch (False)."""
+    """Whether the kernels for tensor ``t`` run in Triton (True) or in torch (False).
+
+    Always False while ``torch.compile`` traces: the torch path is traced into the graph (inductor fuses it).
+    """
+    if torch.compiler.is_compiling():
+        return False
     if not HAS_TRITON or _FORCE_TORCH.get() or os.environ.get("DATAEFF_KERNELS", "").lower() == "torch":
         return False
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")

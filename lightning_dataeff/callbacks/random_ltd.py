@@ -15,7 +15,7 @@ from lightning_dataeff.random_ltd import (
     RandomLTDState,
     apply_random_ltd,
     check_keep_positions,
-    find_blocks,
+    num_layers,
     remove_random_ltd,
 )
 
@@ -44,7 +44,7 @@ class RandomLTD(LengthRampCallback):
         root_degree: root degree of ``fixed_root``.
         layers: block indices that drop tokens (default every block but the first and the last).
         keep_positions: positions never dropped. ``None`` (default): the block adapter's default, the
-            CLS token (position 0) for ViT/Dinov2/BERT-family encoders (0 and 1 for DeiT), none for
+            CLS token (position 0) for ViT/Dinov2/CLIP/BERT-family/ALBERT encoders (0 and 1 for DeiT), none for
             decoders; an explicit value, ``()`` included, overrides it.
         seed: base seed of the token sampling (indices depend on seed, step, rank).
         block_types: restrict block matching to these registered classes.
@@ -81,6 +81,8 @@ class RandomLTD(LengthRampCallback):
         self._state: RandomLTDState | None = None  # the patched model's state; kept after teardown for its counters
         self._applied = False
         self._counters: dict[str, int] = {}  # restored from a checkpoint before the model is patched
+        self._lengths: set[int] = set()  # input lengths seen (max_tokens=None): kept lengths tabled per step
+        self._fn_step = 0
 
     @property
     def min_tokens(self) -> int:
@@ -143,16 +145,22 @@ class RandomLTD(LengthRampCallback):
     ) -> None:
         state, step = self._state, trainer.global_step
         state.step = step
+        table = state.kept_by_length  # updated in place: a compiled graph guards on its entries, not its identity
+        table.clear()
         if self.max_tokens is not None:
             state.kept_tokens_fn = None
             state.kept_tokens = self.value_at(step, self.max_tokens)  # blocks cap it at their length
-        else:  # the ramp's end depends on each batch's length
-            state.kept_tokens_fn = lambda seq_len: self.value_at(step, seq_len)
+        else:  # the ramp's end depends on each batch's length: a table for the lengths seen, else the ramp
+            self._fn_step = step
+            state.kept_tokens_fn = self._kept_at_step
+            table.update({n: self.value_at(step, n) for n in self._lengths})
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         state = self._state
+        if self.max_tokens is None and state.last_seq_len is not None:
+            self._lengths.add(state.last_seq_len)
         if state.last_kept_tokens is not None:
             pl_module.log("random_ltd/kept_tokens", float(state.last_kept_tokens), on_step=True, on_epoch=False)
         pl_module.log("random_ltd/layer_tokens", float(state.consumed_layer_tokens), on_step=True, on_epoch=False)
@@ -161,6 +169,10 @@ class RandomLTD(LengthRampCallback):
         if stage == "fit" and self._applied:
             remove_random_ltd(pl_module)
             self._applied = False
+
+    def _kept_at_step(self, seq_len: int) -> int:
+        """The state's ``kept_tokens_fn`` when ``max_tokens`` is None (one bound method for the whole run)."""
+        return self.value_at(self._fn_step, seq_len)
 
     # persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -179,10 +191,10 @@ class RandomLTD(LengthRampCallback):
 
     # helpers --------------------------------------------------------------------------------------
     def _apply(self, pl_module: pl.LightningModule) -> None:
-        blocks = find_blocks(pl_module, self.block_types)
-        if self.expected_num_layers is not None and blocks and len(blocks) != self.expected_num_layers:
+        found = num_layers(pl_module, self.block_types)  # a shared layer (ALBERT) counts once per call
+        if self.expected_num_layers is not None and found and found != self.expected_num_layers:
             raise ValueError(
-                f"random_ltd.total_layer_num is {self.expected_num_layers} but the model has {len(blocks)} "
+                f"random_ltd.total_layer_num is {self.expected_num_layers} but the model has {found} "
                 "transformer blocks"
             )
         previous = self._state  # a second fit continues the counters

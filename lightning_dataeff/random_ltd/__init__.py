@@ -7,6 +7,7 @@ from .apply import (
     apply_random_ltd,
     check_keep_positions,
     count_tokens,
+    num_layers,
     random_ltd_state,
     remove_random_ltd,
     resolve_layers,
@@ -32,4 +33,5 @@ __all__ = [
     "FirstBlockHook",
     "check_keep_positions",
     "resolve_layers",
+    "num_layers",
 ]
