@@ -1,4 +1,9 @@
-"""Turn a validated recipe into Lightning objects and run them: ``fit`` and ``analyze``."""
+"""Turn a validated recipe into Lightning objects and run them: ``fit`` and ``analyze``.
+
+``fit`` is :func:`validate_run` (the validation pass: every check that can run before data is read, a tokenizer
+trained or a model built, and the objects those checks build: callbacks, Trainer, resume checkpoint), then the
+run itself under the ``output_dir`` lock (:class:`~lightning_dataeff.recipes.rundir.RunLock`).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,41 @@ import copy
 import inspect
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+from lightning_dataeff.recipes import preflight
 from lightning_dataeff.recipes.config import CallbackSpec, RecipeConfig, RecipeError, _one_line, import_class
 from lightning_dataeff.recipes.data import ImageDataModule, TextDataModule
+from lightning_dataeff.recipes.divergence import StopOnNonFiniteLoss, TrainingDiverged
 from lightning_dataeff.recipes.metrics import MetricsCSV
 from lightning_dataeff.recipes.models import (
     CausalLMModule,
     ImageClassifierModule,
     RecipeModule,
     build_hf_model,
+    check_model_config,
     count_blocks,
 )
+from lightning_dataeff.recipes.rundir import RunLock, check_output_dir, check_writable_dir, choose_checkpoint
 
-__all__ = ["fit", "analyze", "build_datamodule", "build_module", "build_callbacks", "recipe_to_yaml", "method_of"]
+__all__ = [
+    "fit",
+    "validate_run",
+    "RunPlan",
+    "analyze",
+    "build_datamodule",
+    "build_module",
+    "build_callbacks",
+    "recipe_to_yaml",
+    "method_of",
+]
 
 _CHECKPOINT_DIR = "checkpoints"
 
@@ -121,16 +142,29 @@ def _import_deepspeed(path: str) -> Any:
         raise RecipeError(f"invalid DeepSpeed config {path}: {_one_line(exc)}") from None
 
 
-def build_callbacks(recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback] = ()) -> list[Callback]:
+def build_callbacks(
+    recipe: RecipeConfig,
+    deepspeed_callbacks: Iterable[Callback] = (),
+    *,
+    disabled_methods: Mapping[str, str] | None = None,
+    origins: dict[int, str] | None = None,
+) -> list[Callback]:
     """The recipe's callbacks (those from a DeepSpeed config replace the recipe's of the same method) kept for
     ``recipe.variant``.
 
-    A ``CurriculumLearning`` without metrics is added when none is kept: it drives the step-indexed
-    sampler that makes resume exact for every variant.
+    ``disabled_methods`` (method -> the DeepSpeed key that is ``enabled: false``) drops the recipe's callbacks of a
+    method the DeepSpeed config switches off, with a warning. A ``CurriculumLearning`` without metrics is added when
+    none is kept: it drives the step-indexed sampler that makes resume exact for every variant. ``origins`` is
+    filled with ``id(callback) -> the recipe key`` of the recipe's callbacks (for messages).
     """
     from lightning_dataeff.callbacks import CurriculumLearning
 
-    callbacks = [_instantiate(s, f"callbacks[{i}]", recipe.seed) for i, s in enumerate(recipe.callbacks)]
+    callbacks = []
+    for i, spec in enumerate(recipe.callbacks):
+        cb = _instantiate(spec, f"callbacks[{i}]", recipe.seed)
+        callbacks.append(cb)
+        if origins is not None:
+            origins[id(cb)] = f"invalid value for 'callbacks[{i}].init_args'"
     imported = list(deepspeed_callbacks)
     methods = {method_of(cb) for cb in imported} - {None}
     for cb in callbacks:
@@ -139,7 +173,14 @@ def build_callbacks(recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback
                 f"{type(cb).__name__} from the recipe is replaced by the DeepSpeed config's {method_of(cb)} callbacks",
                 stacklevel=2,
             )
-    callbacks = [cb for cb in callbacks if method_of(cb) not in methods] + imported
+        elif method_of(cb) in (disabled_methods or {}):
+            warnings.warn(
+                f"{type(cb).__name__} from the recipe is not used: the DeepSpeed config switches {method_of(cb)} off "
+                f"({disabled_methods[method_of(cb)]} is false)",
+                stacklevel=2,
+            )
+    off = methods | set(disabled_methods or {})
+    callbacks = [cb for cb in callbacks if method_of(cb) not in off] + imported
     keep = {
         "baseline": (None,),
         "curriculum": (None, "curriculum"),
@@ -173,19 +214,100 @@ def _logger(recipe: RecipeConfig, out: Path) -> Any:
 def _trainer(recipe: RecipeConfig, out: Path, callbacks: list[Callback]) -> L.Trainer:
     kwargs: dict[str, Any] = {"num_sanity_val_steps": 0, "max_epochs": -1}
     kwargs.update(recipe.trainer)
+    fixed = dict(
+        default_root_dir=str(out), use_distributed_sampler=False, gradient_clip_val=recipe.optim.gradient_clip_val
+    )
     try:
-        return L.Trainer(
-            **kwargs,
-            callbacks=callbacks,
-            logger=_logger(recipe, out),
-            default_root_dir=str(out),
-            use_distributed_sampler=False,
-            gradient_clip_val=recipe.optim.gradient_clip_val,
-        )
+        return L.Trainer(**kwargs, callbacks=callbacks, logger=_logger(recipe, out), **fixed)
     except RecipeError:
         raise
     except Exception as exc:  # Lightning's MisconfigurationException, TypeError, ValueError
-        raise RecipeError(f"invalid value in 'trainer': {_one_line(exc)}") from None
+
+        def trial(args: dict) -> Any:  # one recipe key alone: which one does Lightning refuse?
+            return L.Trainer(**args, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, **fixed)
+
+        raise preflight.trainer_error(exc, recipe.trainer, trial) from None
+
+
+@dataclass
+class RunPlan:
+    """What :func:`validate_run` checked and built: the run, ready to read its data and build its model."""
+
+    recipe: RecipeConfig
+    out: Path
+    trainer: L.Trainer
+    budget: Any  # TokenBudget
+    metrics: MetricsCSV
+    model_config: Any | None  # None: a pretrained model not in the local cache, checked once loaded
+    origins: dict[int, str]
+    ckpt_path: str | None = None
+    rank_zero: bool = True
+
+
+def validate_run(
+    recipe: RecipeConfig,
+    *,
+    deepspeed_config: str | None = None,
+    extra_callbacks: Iterable[Callback] = (),
+) -> RunPlan:
+    """The validation pass of :func:`fit`: :class:`RecipeError` (one line, naming the key) before anything heavy.
+
+    Checks that the run ends, ``output_dir`` (usable; not another live run's; no earlier run's outputs unless
+    ``resume=true``), the DeepSpeed config, the callbacks (their constructors, then against the model they will
+    patch), the model config against the data (a config object, no weights), the data source's layout, the
+    Trainer (built here, so Lightning's own checks run) and, with ``resume=true``, the checkpoint to resume from
+    (the newest intact one). Nothing is written.
+    """
+    from lightning_dataeff.callbacks import TokenBudget
+
+    preflight.check_run_end(recipe)
+    rank_zero = rank_zero_only.rank == 0  # other ranks of a launched DDP run share rank 0's output_dir
+    out = check_output_dir(recipe.output_dir, resume=recipe.resume) if rank_zero else Path(recipe.output_dir)
+    ds_path = deepspeed_config or recipe.from_deepspeed
+    imported = _import_deepspeed(ds_path) if ds_path else None
+    if imported is not None and imported.layer_token_lr_schedule:
+        recipe = copy.deepcopy(recipe)
+        recipe.optim.schedule = "layer_tokens"
+    origins: dict[int, str] = {}
+    callbacks = build_callbacks(
+        recipe,
+        imported.callbacks if imported else (),
+        disabled_methods=imported.disabled_methods if imported else None,
+        origins=origins,
+    )
+    for cb in imported.callbacks if imported else ():
+        origins[id(cb)] = f"invalid DeepSpeed config {ds_path}"
+    cfg = preflight.model_config(recipe)
+    if cfg is not None:
+        preflight.check_callbacks(recipe, callbacks, cfg, origins)
+    preflight.check_data_source(recipe)
+    budget = TokenBudget(
+        max_layer_tokens=recipe.budget.max_layer_tokens,
+        max_tokens=recipe.budget.max_tokens,
+        num_layers=count_blocks(cfg) if cfg is not None else None,
+    )
+    val_metric = (CausalLMModule if recipe.task == "causal_lm" else ImageClassifierModule).val_metric_name
+    csv_cb = MetricsCSV(out / "metrics.csv", val_metric)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(out / _CHECKPOINT_DIR),
+        filename="step{step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=recipe.checkpoint_every_n_steps,
+        save_top_k=1,
+        save_last=True,
+    )
+    # The divergence check runs first in on_before_optimizer_step: nothing else sees a non-finite step.
+    all_callbacks = [StopOnNonFiniteLoss(), *callbacks, budget, csv_cb, checkpoint, *extra_callbacks]
+    trainer = _trainer(recipe, out, all_callbacks)
+    ckpt_path = None
+    if recipe.resume:
+        found = choose_checkpoint(out)
+        if found is None:
+            warnings.warn(f"resume=true but {out / _CHECKPOINT_DIR} holds no checkpoint: starting from scratch",
+                          stacklevel=2)
+        ckpt_path = None if found is None else str(found)
+    return RunPlan(recipe, out, trainer, budget, csv_cb, cfg, origins, ckpt_path, rank_zero)
 
 
 def fit(
@@ -198,72 +320,55 @@ def fit(
 
     Writes to ``recipe.output_dir``: ``config.yaml``, ``metrics.csv``, ``checkpoints/`` (every
     ``checkpoint_every_n_steps`` steps and ``last.ckpt``), logs and ``summary.json``. With
-    ``recipe.resume`` it continues from ``checkpoints/last.ckpt``.
+    ``recipe.resume`` it continues from the newest intact checkpoint (``checkpoints/last.ckpt``, or the step
+    checkpoint beside it when that one is corrupt). Everything that can be checked before the run is checked first
+    (:func:`validate_run`). A NaN or infinite training loss stops the run before that step updates the weights;
+    the summary then has ``"diverged": true`` and the step.
     """
-    from lightning_dataeff.callbacks import TokenBudget
+    plan = validate_run(recipe, deepspeed_config=deepspeed_config, extra_callbacks=extra_callbacks)
+    if not plan.rank_zero:
+        return _train(plan)
+    with RunLock(plan.out):
+        return _train(plan)
 
-    out = Path(recipe.output_dir)
-    ckpt = out / _CHECKPOINT_DIR / "last.ckpt"
-    ends = [
-        recipe.budget.max_layer_tokens,
-        recipe.budget.max_tokens,
-        recipe.trainer.get("max_steps", -1),
-        recipe.trainer.get("max_epochs", -1),
-    ]
-    if all(v in (None, -1) for v in ends):
-        raise RecipeError(
-            "the run has no end: set budget.max_layer_tokens, budget.max_tokens, trainer.max_steps or "
-            "trainer.max_epochs"
-        )
-    ds_path = deepspeed_config or recipe.from_deepspeed
-    imported = _import_deepspeed(ds_path) if ds_path else None
-    if imported is not None and imported.layer_token_lr_schedule:
-        recipe = copy.deepcopy(recipe)
-        recipe.optim.schedule = "layer_tokens"
-    callbacks = build_callbacks(recipe, imported.callbacks if imported else ())
+
+def _train(plan: RunPlan) -> dict[str, Any]:
+    """Read the data, build the model, train, write the summary (the run after :func:`validate_run`)."""
+    recipe, out, trainer = plan.recipe, plan.out, plan.trainer
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     dm = build_datamodule(recipe)
     dm.setup("fit")
     module = build_module(recipe, dm)
-    budget = TokenBudget(
-        max_layer_tokens=recipe.budget.max_layer_tokens,
-        max_tokens=recipe.budget.max_tokens,
-        num_layers=count_blocks(module.model),
-    )
-    csv_cb = MetricsCSV(out / "metrics.csv", module.val_metric_name)
-    checkpoint = ModelCheckpoint(
-        dirpath=str(out / _CHECKPOINT_DIR),
-        filename="step{step}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=recipe.checkpoint_every_n_steps,
-        save_top_k=1,
-        save_last=True,
-    )
-    callbacks = [*callbacks, budget, csv_cb, checkpoint, *extra_callbacks]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(recipe_to_yaml(recipe))
-    trainer = _trainer(recipe, out, callbacks)
-    ckpt_path = None
-    if recipe.resume:
-        if ckpt.is_file():
-            ckpt_path = str(ckpt)
-        else:
-            warnings.warn(f"resume=true but {ckpt} does not exist: starting from scratch", stacklevel=2)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if not trainer.interrupted and trainer.global_step % recipe.checkpoint_every_n_steps:
-        trainer.save_checkpoint(str(ckpt))  # the final weights, also when the budget stopped between intervals
-    val_steps = [r for r in csv_cb.rows if r["split"] == "val"]
-    if not val_steps or int(val_steps[-1]["step"]) != trainer.global_step:
-        trainer.validate(module, datamodule=dm, verbose=False)
+    if plan.model_config is None:  # a pretrained model whose config was not cached: its checks run now
+        check_model_config(recipe.task, module.model.config, recipe.data)
+        preflight.check_callbacks(recipe, list(trainer.callbacks), module.model.config, plan.origins)
+    if plan.rank_zero:
+        (out / "config.yaml").write_text(recipe_to_yaml(recipe))
+    diverged: TrainingDiverged | None = None
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=plan.ckpt_path)
+    except TrainingDiverged as exc:
+        diverged = exc
+    if diverged is None:
+        if not trainer.interrupted and trainer.global_step % recipe.checkpoint_every_n_steps:
+            # the final weights, also when the budget stopped between intervals
+            trainer.save_checkpoint(str(out / _CHECKPOINT_DIR / "last.ckpt"))
+        val_steps = [r for r in plan.metrics.rows if r["split"] == "val"]
+        if not val_steps or int(val_steps[-1]["step"]) != trainer.global_step:
+            trainer.validate(module, datamodule=dm, verbose=False)
     summary = {
         "recipe": recipe.name,
         "variant": recipe.variant,
         "seed": recipe.seed,
         "task": recipe.task,
-        **csv_cb.summary(),
+        **plan.metrics.summary(),
         "budget": {"max_layer_tokens": recipe.budget.max_layer_tokens, "max_tokens": recipe.budget.max_tokens},
-        "stopped_by_budget": budget.reached,
+        "stopped_by_budget": plan.budget.reached,
+        "diverged": diverged is not None,
     }
+    if diverged is not None:
+        summary["diverged_at_step"] = diverged.step
+        summary["diverged_loss"] = str(diverged.loss)  # "nan" / "inf": JSON has no such numbers
     if trainer.is_global_zero:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -280,9 +385,12 @@ def analyze(recipe: RecipeConfig, *, output_dir: str | None = None) -> Any:
         if issubclass(import_class(spec.class_path, f"callbacks[{i}].class_path"), CurriculumLearning):
             metrics.extend((spec.init_args.get("metrics") or {}).keys())
             analysis_dir = analysis_dir or spec.init_args.get("analysis_dir")
-    analysis_dir = analysis_dir or str(Path(recipe.output_dir) / "analysis")
     if recipe.task != "causal_lm":
         raise RecipeError("analyze: the curriculum analyzer measures token sequences; 'task' must be causal_lm")
+    key = "output_dir" if analysis_dir is None else "analysis_dir"
+    analysis_dir = analysis_dir or str(Path(recipe.output_dir) / "analysis")
+    check_writable_dir(analysis_dir, key)
+    preflight.check_data_source(recipe)
     dataset = build_datamodule(recipe).analysis_dataset()
     return run_analyzer(
         dataset,
