@@ -321,6 +321,11 @@ class TextDataModule(_RecipeDataModule):
             train, val = train[n_val:], train[:n_val]
         if train.shape[0] == 0:
             raise RecipeError(f"invalid value for 'data.seq_len': {self.seq_len} is longer than the training text")
+        if train.shape[0] < self.batch_size:
+            raise RecipeError(
+                f"invalid value for 'data.seq_len' / 'data.batch_size': blocks of {self.seq_len} tokens give "
+                f"{train.shape[0]} training samples, fewer than a batch of {self.batch_size}"
+            )
         if self.max_val_samples is not None:
             val = val[: self.max_val_samples]
         self.train_set, self.val_set = TokenBlocks(train), TokenBlocks(val)

@@ -24,7 +24,22 @@ from lightning_dataeff.recipes.models import (
     model_seq_len,
 )
 
-__all__ = ["model_config", "check_callbacks", "check_data_source", "check_run_end", "trainer_error", "quiet_lightning"]
+__all__ = [
+    "model_config",
+    "check_callbacks",
+    "check_data_source",
+    "check_run_end",
+    "trainer_error",
+    "quiet_lightning",
+    "DEEPSPEED_SECTIONS",
+]
+
+#: Where a DeepSpeed-built callback's arguments come from, for messages about them.
+DEEPSPEED_SECTIONS = {
+    "RandomLTD": "data_efficiency.data_routing.random_ltd (random_ltd_layer_id = layers, min_value = min_tokens)",
+    "CurriculumLearning": "data_efficiency.data_sampling.curriculum_learning",
+    "SeqLengthWarmup": "curriculum_learning (min_difficulty = min_len, max_difficulty = max_len)",
+}
 
 
 def check_run_end(recipe: RecipeConfig) -> None:
@@ -50,7 +65,8 @@ def model_config(recipe: RecipeConfig) -> Any | None:
         cfg = cached_pretrained_config(recipe.task, m.pretrained, m.config)
     elif recipe.task == "causal_lm":
         # vocab_size and the special tokens come from the tokenizer: data.vocab_size bounds a trained one
-        cfg = build_config("causal_lm", m.config, vocab_size=d.vocab_size, n_positions=d.seq_len)
+        cfg = build_config("causal_lm", m.config, vocab_size=d.vocab_size, n_positions=d.seq_len, bos_token_id=None,
+                           eos_token_id=None)
     else:
         cfg = build_config("image_classification", m.config, num_labels=2, image_size=d.image_size,
                            num_channels=d.num_channels)
@@ -80,7 +96,8 @@ def check_callbacks(recipe: RecipeConfig, callbacks: list[Callback], cfg: Any, w
         if isinstance(cb, SeqLengthWarmup):
             shortest = min(shortest, cb.min_len)
         shortest = min([shortest, *(r.schedule.min_value for r in _seqlen_rules(cb))])
-    for cb in callbacks:
+    # random-LTD first: a wrong block count (e.g. a DeepSpeed config for a larger model) is the root problem
+    for cb in sorted(callbacks, key=lambda c: not isinstance(c, RandomLTD)):
         try:
             cuts = isinstance(cb, SeqLengthWarmup) or bool(_seqlen_rules(cb))
             if cuts and recipe.task != "causal_lm":
@@ -145,12 +162,13 @@ def trainer_error(exc: Exception, trainer_args: Mapping[str, Any], build: Callab
     key Lightning's message names, else the one key that fails alone (``build(kwargs)`` builds a trial Trainer)."""
     msg = _one_line(exc)
     named = [k for k in trainer_args if re.search(rf"\b{re.escape(k)}\b", msg)]
-    if len(named) != 1:
+    if len(named) != 1:  # none or several named: the one that fails alone (named ones tried first)
+        order = named + [k for k in trainer_args if k not in named]
         named = []
         with quiet_lightning():
-            for k, v in trainer_args.items():
+            for k in order:
                 try:
-                    build({k: v})
+                    build({k: trainer_args[k]})
                 except Exception:  # noqa: BLE001 - any failure names the key
                     named.append(k)
                     break

@@ -139,7 +139,8 @@ def _import_deepspeed(path: str) -> Any:
     try:
         return import_deepspeed(path)
     except ValueError as exc:
-        raise RecipeError(f"invalid DeepSpeed config {path}: {_one_line(exc)}") from None
+        msg = _one_line(exc)
+        raise RecipeError(f"invalid DeepSpeed config{'' if str(path) in msg else ' ' + str(path)}: {msg}") from None
 
 
 def build_callbacks(
@@ -224,8 +225,9 @@ def _trainer(recipe: RecipeConfig, out: Path, callbacks: list[Callback]) -> L.Tr
     except Exception as exc:  # Lightning's MisconfigurationException, TypeError, ValueError
 
         def trial(args: dict) -> Any:  # one recipe key alone: which one does Lightning refuse?
-            return L.Trainer(**args, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, **fixed)
+            quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+            return L.Trainer(**{**quiet, **args}, **fixed)
 
         raise preflight.trainer_error(exc, recipe.trainer, trial) from None
 
@@ -277,7 +279,8 @@ def validate_run(
         origins=origins,
     )
     for cb in imported.callbacks if imported else ():
-        origins[id(cb)] = f"invalid DeepSpeed config {ds_path}"
+        section = preflight.DEEPSPEED_SECTIONS.get(type(cb).__name__, type(cb).__name__)
+        origins[id(cb)] = f"invalid DeepSpeed config {ds_path}, {section}"
     cfg = preflight.model_config(recipe)
     if cfg is not None:
         preflight.check_callbacks(recipe, callbacks, cfg, origins)
