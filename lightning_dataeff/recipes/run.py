@@ -62,6 +62,7 @@ def build_datamodule(recipe: RecipeConfig) -> L.LightningDataModule:
         val_batch_size=d.val_batch_size,
         num_workers=d.num_workers,
         seed=recipe.seed,
+        skip_bad_files=d.skip_bad_files,
     )
     if recipe.task == "causal_lm":
         return TextDataModule(
