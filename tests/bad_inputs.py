@@ -371,6 +371,7 @@ CASES: list[BadInput] = [
              files="a_file"),
     BadInput("vit-channels-2", "data", ("data.num_channels=2",), ("'data.num_channels'",), base="vit"),
     BadInput("vit-image-size-zero", "data", ("data.image_size=0",), ("'data.image_size'",), base="vit"),
+    BadInput("cache-dir-a-file", "data", ("data.cache_dir={tmp}/file.txt",), ("'data.cache_dir'",), files="a_file"),
     # output_dir
     BadInput("output-dir-is-a-file", "output_dir", ("output_dir={tmp}/file.txt",), ("'output_dir'", "file"),
              files="a_file"),

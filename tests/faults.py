@@ -39,3 +39,15 @@ class CrashAt(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError("killed")
+
+
+class SlowSteps(Callback):
+    """Sleeps ``seconds`` after every optimizer step: a run that is surely still going when another starts."""
+
+    def __init__(self, seconds: float = 0.25) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -131,9 +131,13 @@ def _check_curriculum(cb: Any, seq: int, what: str) -> None:
 
 
 def check_data_source(recipe: RecipeConfig) -> None:
-    """A local data source exists and has the right layout (listed, not read)."""
-    from lightning_dataeff.recipes.data import image_files, text_files
+    """A local data source exists and has the right layout (listed, not read); the tokenizer cache is writable."""
+    from lightning_dataeff.recipes.data import cache_root, image_files, text_files
+    from lightning_dataeff.recipes.rundir import check_writable_dir
 
+    if recipe.task == "causal_lm" and recipe.data.tokenizer == "bpe":  # the trained tokenizer is cached there
+        key = "data.cache_dir" if recipe.data.cache_dir else "data.cache_dir (default $LIGHTNING_DATAEFF_CACHE)"
+        check_writable_dir(cache_root(recipe.data.cache_dir), key)
     source = recipe.data.source
     if source.startswith("hf:"):
         if not source[len("hf:"):].partition(":")[0]:
