@@ -28,6 +28,7 @@ __all__ = [
     "ImageClassifierModule",
     "build_hf_model",
     "build_config",
+    "check_config_keys",
     "cached_pretrained_config",
     "check_model_config",
     "model_seq_len",
@@ -65,9 +66,8 @@ def _config_error(exc: Exception, key: str) -> RecipeError:
     return RecipeError(f"invalid value for '{key}': {_one_line(text)}")
 
 
-def build_config(task: str, config: dict[str, Any], key: str = "model.config", **defaults: Any) -> Any:
-    """``GPT2Config``/``ViTConfig(**defaults, **config)`` (no weights): unknown keys and values the class refuses
-    raise :class:`RecipeError` naming ``key.<name>``."""
+def check_config_keys(task: str, config: dict[str, Any], key: str = "model.config") -> None:
+    """Every key of ``config`` is an argument of the task's config class (a typo names the closest one)."""
     _, cfg_cls = _classes(task)
     known = _known_config_keys(cfg_cls)
     for name in config:
@@ -75,6 +75,13 @@ def build_config(task: str, config: dict[str, Any], key: str = "model.config", *
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise RecipeError(f"unknown key '{key}.{name}': not an argument of {cfg_cls.__name__}{hint}")
+
+
+def build_config(task: str, config: dict[str, Any], key: str = "model.config", **defaults: Any) -> Any:
+    """``GPT2Config``/``ViTConfig(**defaults, **config)`` (no weights): unknown keys and values the class refuses
+    raise :class:`RecipeError` naming ``key.<name>``."""
+    _, cfg_cls = _classes(task)
+    check_config_keys(task, config, key)
     try:
         return cfg_cls(**{**defaults, **config})
     except Exception as exc:  # TypeError, ValueError, huggingface_hub's StrictDataclassFieldValidationError

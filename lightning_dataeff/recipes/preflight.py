@@ -19,6 +19,7 @@ from lightning_dataeff.recipes.config import RecipeConfig, RecipeError, _one_lin
 from lightning_dataeff.recipes.models import (
     build_config,
     cached_pretrained_config,
+    check_config_keys,
     check_model_config,
     count_blocks,
     model_seq_len,
@@ -62,6 +63,7 @@ def model_config(recipe: RecipeConfig) -> Any | None:
     local Hugging Face cache only; None when it is not there (the model is then checked once loaded)."""
     m, d = recipe.model, recipe.data
     if m.pretrained:
+        check_config_keys(recipe.task, m.config)
         cfg = cached_pretrained_config(recipe.task, m.pretrained, m.config)
     elif recipe.task == "causal_lm":
         # vocab_size and the special tokens come from the tokenizer: data.vocab_size bounds a trained one
@@ -71,7 +73,7 @@ def model_config(recipe: RecipeConfig) -> Any | None:
         cfg = build_config("image_classification", m.config, num_labels=2, image_size=d.image_size,
                            num_channels=d.num_channels)
     if cfg is not None:
-        check_model_config(recipe.task, cfg, d, "model.config" if not m.pretrained else f"model {m.pretrained!r}")
+        check_model_config(recipe.task, cfg, d)
     return cfg
 
 
