@@ -21,7 +21,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from lightning_dataeff.recipes import preflight
-from lightning_dataeff.recipes.config import CallbackSpec, RecipeConfig, RecipeError, _one_line, import_class
+from lightning_dataeff.recipes.config import (
+    CallbackSpec,
+    RecipeConfig,
+    RecipeError,
+    _one_line,
+    import_class,
+    validate,
+)
 from lightning_dataeff.recipes.data import ImageDataModule, TextDataModule
 from lightning_dataeff.recipes.divergence import StopOnNonFiniteLoss, TrainingDiverged
 from lightning_dataeff.recipes.metrics import MetricsCSV
@@ -256,7 +263,8 @@ def validate_run(
 ) -> RunPlan:
     """The validation pass of :func:`fit`: :class:`RecipeError` (one line, naming the key) before anything heavy.
 
-    Checks that the run ends, ``output_dir`` (usable; not another live run's; no earlier run's outputs unless
+    Checks the recipe (:func:`~lightning_dataeff.recipes.config.validate`, also for one built in Python), that the
+    run ends, ``output_dir`` (usable; not another live run's; no earlier run's outputs unless
     ``resume=true``), the DeepSpeed config, the callbacks (their constructors, then against the model they will
     patch), the model config against the data (a config object, no weights), the data source's layout, the
     Trainer (built here, so Lightning's own checks run) and, with ``resume=true``, the checkpoint to resume from
@@ -264,6 +272,7 @@ def validate_run(
     """
     from lightning_dataeff.callbacks import TokenBudget
 
+    validate(recipe)  # a recipe built in Python has not been through load_recipe's checks
     preflight.check_run_end(recipe)
     rank_zero = rank_zero_only.rank == 0  # other ranks of a launched DDP run share rank 0's output_dir
     out = check_output_dir(recipe.output_dir, resume=recipe.resume) if rank_zero else Path(recipe.output_dir)
