@@ -11,9 +11,11 @@ Three parts, each case classified:
 * Faults during runs (the scenarios below): ``survived`` or ``failed``, with what happened.
 
 Usage: python benchmarks/fault_run.py [--smoke] [--only cli,api,faults] [--label NAME] [--out DIR]
-Writes ``<out>/fault_run.{csv,md,png}`` (default benchmarks/results/, or benchmarks/results/smoke/ with
-``--smoke``, which runs a few cases of each part). Runs on CPU in a few minutes (the faults train a 4-block GPT-2
-for a few steps each). Run it against another checkout with ``PYTHONPATH=<checkout>``.
+Writes ``<out>/fault_run.{csv,md,png}`` (default benchmarks/results/fault_run/current/, or
+benchmarks/results/smoke/ with ``--smoke``, which runs a few cases of each part). Runs on CPU in a few minutes (the
+faults train a 4-block GPT-2 for a few steps each). Run it against another checkout with ``PYTHONPATH=<checkout>``
+(with ``lightning_dataeff/kernels`` linked to its ``triton_kernels``); the results of main before issue 11 are in
+benchmarks/results/fault_run/before-a711c93/.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def run_cli(cases: list) -> list[Result]:
                 outcome = "clean"
             else:
                 outcome = "unclear"
-            out.append(Result("cli", case.id, case.cls, outcome, first.replace(d, "{tmp}")[:240]))
+            detail = first.replace(d, "{tmp}").replace(str(ROOT), ".")[:240]
+            out.append(Result("cli", case.id, case.cls, outcome, detail))
     return out
 
 
@@ -523,11 +526,12 @@ def fault_two_fits_one_output_dir(t: Path) -> tuple[bool, str]:
             "callbacks=[{class_path: faults.SlowSteps, init_args: {seconds: 0.5}}]"]
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
-    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # cwd: a folder without a lightning_dataeff package (``-m`` puts the cwd first on sys.path)
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=t)
     deadline = time.time() + 180
     while time.time() < deadline and first.poll() is None and not (out / "metrics.csv").exists():
         time.sleep(0.2)  # the first run is training
-    second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=t)
     running = first.poll() is None  # the second was refused while the first still ran
     first_err = first.communicate(timeout=300)[1]
     steps = _steps(out)
@@ -689,6 +693,13 @@ def _machine() -> str:
             f"transformers {transformers.__version__}")
 
 
+def _command() -> str:
+    import shlex
+
+    prefix = "PYTHONPATH=<checkout of the code under test> " if os.environ.get("PYTHONPATH") else ""
+    return prefix + "python benchmarks/fault_run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def tally(results: list[Result]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for r in results:
@@ -713,7 +724,7 @@ def write(results: list[Result], out_dir: Path, label: str, seconds: float) -> s
             summary.append(f"{part}: {n} tried, " + ", ".join(f"{counts[part].get(o, 0)} {o}" for o in outcomes))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = [f"# Fault run ({label})", "", f"Measured {stamp} on {_machine()}; {seconds:.0f} s.", "",
-          "Command: `python benchmarks/fault_run.py" + (f" --label {label}" if label != "current" else "") + "`", "",
+          f"Command: `{_command()}`", "",
           *[f"- {line}" for line in summary], "", "| part | case | class | outcome | detail |", "|---|---|---|---|---|",
           *[f"| {r.part} | {r.id} | {r.cls} | {r.outcome} | {r.detail.replace('|', '/')} |" for r in results], ""]
     (out_dir / "fault_run.md").write_text("\n".join(md))
@@ -770,7 +781,7 @@ def main() -> int:
         results += run_api(api)
     if "faults" in parts:
         results += run_faults(faults)
-    out_dir = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
+    out_dir = args.out or (RESULTS / "smoke" if args.smoke else RESULTS / "fault_run" / "current")
     print(f"{'part':7s} {'case':38s} {'outcome':10s} detail")
     for r in results:
         print(f"{r.part:7s} {r.id:38s} {r.outcome:10s} {r.detail[:140]}")
