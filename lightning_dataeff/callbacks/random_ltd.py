@@ -44,7 +44,8 @@ class RandomLTD(LengthRampCallback):
         schedule_type: ``"fixed_linear"`` or ``"fixed_root"``.
         seq_per_step: kept lengths are multiples of this (DeepSpeed's ``seq_per_step``).
         root_degree: root degree of ``fixed_root``.
-        layers: block indices that drop tokens (default every block but the first and the last).
+        layers: block indices that drop tokens (default every block but the first and the last); distinct and
+            non-negative (checked here), within the model's blocks (checked by :meth:`check_model` at setup).
         keep_positions: positions never dropped. ``None`` (default): the block adapter's default, the
             CLS token (position 0) for ViT/Dinov2/BERT-family encoders (0 and 1 for DeiT), none for
             decoders; an explicit value, ``()`` included, overrides it.

@@ -66,7 +66,8 @@ class LayerTokenLRScheduler(LRScheduler):
         warmup_layer_tokens: layer-tokens of linear warmup from 0.
         decay: ``"cosine"``, ``"linear"`` or ``"constant"``.
         min_lr_ratio: final lr as a fraction of the base lr.
-        counter: returns the consumed layer-tokens so far, summed over processes (``TokenBudget``).
+        counter: returns the consumed layer-tokens so far, summed over processes (``TokenBudget``): a
+            non-negative integer (an integral float or a one-element tensor is accepted), else ``ValueError``.
     """
 
     def __init__(
