@@ -153,3 +153,11 @@ def test_validation_pass_writes_nothing(tmp_path):
     before = time.time()
     validate_run(_recipe(tmp_path / "run", "trainer.max_steps=1"))
     assert not (tmp_path / "run").exists() and time.time() - before < 30
+
+
+def test_resume_with_a_changed_recipe_says_what_changed(tmp_path):
+    from lightning_dataeff.recipes.run import validate_run
+
+    fit(_recipe(tmp_path / "run", "trainer.max_steps=2"))
+    with pytest.warns(UserWarning, match=r"differs from .*config\.yaml in optim\.lr, trainer\.max_steps; the run"):
+        validate_run(_recipe(tmp_path / "run", "trainer.max_steps=4", "optim.lr=0.01", "resume=true"))

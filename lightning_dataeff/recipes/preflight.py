@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from lightning.pytorch.callbacks import Callback
@@ -32,6 +33,7 @@ __all__ = [
     "check_run_end",
     "trainer_error",
     "quiet_lightning",
+    "resume_changes",
     "DEEPSPEED_SECTIONS",
 ]
 
@@ -149,6 +151,30 @@ def check_data_source(recipe: RecipeConfig) -> None:
         text_files(source)
     elif recipe.task == "image_classification" and source != "digits":
         image_files(source)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: node}
+
+
+def resume_changes(out: Path, recipe: RecipeConfig) -> list[str]:
+    """The recipe keys whose values differ from the run's ``config.yaml`` (what ``resume=true`` continues)."""
+    from omegaconf import OmegaConf
+
+    path = out / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        old = _flat(OmegaConf.to_container(OmegaConf.load(path)))
+    except Exception:  # noqa: BLE001 - an unreadable record of the earlier run is itself a difference
+        return [f"{path.name} (unreadable)"]
+    new = _flat(OmegaConf.to_container(OmegaConf.structured(recipe)))
+    return sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
 
 
 @contextlib.contextmanager

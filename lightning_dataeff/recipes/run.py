@@ -315,6 +315,11 @@ def validate_run(
     trainer = _trainer(recipe, out, all_callbacks)
     ckpt_path = None
     if recipe.resume:
+        changed = preflight.resume_changes(out, recipe) if rank_zero else []
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            warnings.warn(f"resume=true: the recipe differs from {out / 'config.yaml'} in {shown}; the run continues "
+                          "with the new values", stacklevel=2)
         found = choose_checkpoint(out)
         if found is None:
             warnings.warn(f"resume=true but {out / _CHECKPOINT_DIR} holds no checkpoint: starting from scratch",
