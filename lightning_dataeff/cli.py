@@ -1,9 +1,12 @@
 """The ``dataeff`` command line: ``fit``, ``analyze`` and ``compare`` a YAML recipe.
 
-Recipe problems (unknown key, wrong type, out-of-range value, missing or unparsable file) print one
-line naming the key or file and exit with code 2; a Hub model or dataset that cannot be loaded, or a
-missing optional package, exits with code 1 and says what to do (the Hub error names the offline
-recipe). None of them prints a traceback.
+Recipe problems (unknown key, wrong type, out-of-range or non-finite value, missing or unparsable file, a
+callback that does not fit the model, a model config that does not fit the data, an unusable or busy
+``output_dir``, an unreadable data file) print one line naming the key or file and exit with code 2, before
+any data is read or model built where the check allows it; a Hub model or dataset that cannot be loaded, or a
+missing optional package, exits with code 1 and says what to do (the Hub error names the offline recipe); a
+run whose training loss becomes NaN or infinite stops, says so in one line and in ``summary.json``
+(``"diverged": true``) and exits with code 3. None of them prints a traceback.
 """
 
 from __future__ import annotations
@@ -72,11 +75,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         deepspeed_config = args.deepspeed_config
         if deepspeed_config is not None:
-            from lightning_dataeff.recipes.config import RecipeError
+            from lightning_dataeff.recipes.config import resolve_file
 
-            if not Path(deepspeed_config).is_file():
-                raise RecipeError(f"invalid value for '--deepspeed-config': file not found: {deepspeed_config}")
+            deepspeed_config = str(resolve_file(deepspeed_config, "--deepspeed-config", "DeepSpeed config JSON"))
         summary = fit(recipe, deepspeed_config=deepspeed_config, verbose=args.verbose)
+        if summary.get("diverged"):
+            print(
+                f"dataeff: error: training diverged at step {summary['diverged_at_step']}: the training loss is "
+                f"{summary['diverged_loss']}; the run stopped before that step's update (checkpoints keep the last "
+                f"finite step); lower optim.lr or raise optim.warmup. Summary in {recipe.output_dir}/summary.json",
+                file=sys.stderr,
+            )
+            return 3
         final = summary.get("final", {})
         print(
             f"[dataeff] {recipe.name} ({recipe.variant}): {summary['stop_reason']}; {summary['steps']} steps, "
@@ -114,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, argv)
     except RecipeError as exc:
-        print(f"dataeff: error: {exc}", file=sys.stderr)
+        print(f"dataeff: error: {_message(exc)}", file=sys.stderr)
         return 2
     except HubUnavailableError as exc:
         print(f"dataeff: error: {exc}", file=sys.stderr)
@@ -125,6 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dataeff: error: the recipes need the package {exc.name!r}: pip install {extra}", file=sys.stderr)
         return 1
+
+
+def _message(exc: Exception) -> str:
+    """The one-line message of a recipe error; one re-raised from a DataLoader worker carries the worker's
+    traceback text, whose last line is the original ``RecipeError: message``."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    return lines[-1].split("RecipeError: ", 1)[-1].strip()
 
 
 # Optional packages the recipes import, and how to install them.

@@ -28,6 +28,9 @@ class DeepSpeedImport:
     callbacks: list = field(default_factory=list)
     layer_token_lr_schedule: bool = False
     ignored: list[str] = field(default_factory=list)
+    #: method (``"random_ltd"``, ``"curriculum"``) -> the ``enabled: false`` key that switches it off, for the
+    #: methods the config disables explicitly and gives no callback for.
+    disabled_methods: dict[str, str] = field(default_factory=dict)
 
 
 def import_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedImport:
@@ -46,7 +49,21 @@ def import_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedImport:
     if parsed.random_ltd is not None:
         result.layer_token_lr_schedule = parsed.random_ltd.layer_token_lr_schedule
         result.callbacks.append(RandomLTD.from_deepspeed(parsed.random_ltd))
+    given = {"random_ltd": parsed.random_ltd is not None,
+             "curriculum": parsed.curriculum is not None or parsed.legacy_seqlen is not None}
+    for method, paths in _METHOD_SECTIONS.items():
+        off = [p for p in parsed.disabled if p in paths]
+        if off and not given[method]:
+            result.disabled_methods[method] = f"{off[0]}.enabled"
     return result
+
+
+# The sections on the way to each method's callbacks (an explicit ``enabled: false`` on any switches it off).
+_METHOD_SECTIONS = {
+    "random_ltd": ("data_efficiency", "data_efficiency.data_routing", "data_efficiency.data_routing.random_ltd"),
+    "curriculum": ("data_efficiency", "data_efficiency.data_sampling",
+                   "data_efficiency.data_sampling.curriculum_learning", "curriculum_learning"),
+}
 
 
 def callbacks_from_deepspeed(config: str | Path | Mapping[str, Any]) -> list:

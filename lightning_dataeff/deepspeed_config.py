@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lightning_dataeff._validation import check_int
-from lightning_dataeff.schedules import RAMP_TYPES, FixedRoot, build_schedule
+from lightning_dataeff.schedules import FixedRoot, build_schedule, check_ramp_type
 
 __all__ = [
     "DeepSpeedConfig",
@@ -89,6 +89,8 @@ class DeepSpeedConfig:
     curriculum: CurriculumSection | None = None
     legacy_seqlen: LegacySeqlenSection | None = None
     ignored: list[str] = field(default_factory=list)
+    #: Sections present with ``enabled: false`` (dotted paths): the config switches them off explicitly.
+    disabled: list[str] = field(default_factory=list)
 
 
 class _Walk:
@@ -96,6 +98,7 @@ class _Walk:
 
     def __init__(self) -> None:
         self.ignored: list[str] = []
+        self.disabled: list[str] = []
 
     def ignore(self, key: str, why: str) -> None:
         self.ignored.append(key)
@@ -137,6 +140,7 @@ def _child(parent: Mapping[str, Any], key: str, where: str, walk: _Walk) -> Mapp
         return value
     if value.get("enabled") is False:
         walk.ignore(path, "enabled is false")
+        walk.disabled.append(path)
     return None
 
 
@@ -162,7 +166,7 @@ def parse_deepspeed(config: str | Path | Mapping[str, Any]) -> DeepSpeedConfig:
     """Walk a whole DeepSpeed config (file or mapping) into its data-efficiency sections."""
     ds = load_deepspeed_config(config)
     walk = _Walk()
-    result = DeepSpeedConfig(ignored=walk.ignored)
+    result = DeepSpeedConfig(ignored=walk.ignored, disabled=walk.disabled)
     walk.unknown(ds, _ROOT_KEYS, "", "engine settings belong in the recipe / Trainer")
     de = _child(ds, "data_efficiency", "", walk)
     if de is not None:
@@ -346,8 +350,7 @@ def _legacy(section: Mapping[str, Any], where: str, walk: _Walk) -> LegacySeqlen
 
 def _ramp(sched: Mapping[str, Any], where: str) -> FixedRoot:
     """A ``fixed_linear``/``fixed_root`` schedule of a DeepSpeed section; errors are prefixed with ``where``."""
-    if sched.get("schedule_type") not in RAMP_TYPES:
-        raise ValueError(f"{where}.schedule_type must be one of {RAMP_TYPES}, got {sched.get('schedule_type')!r}")
+    check_ramp_type(sched.get("schedule_type"), where=f"{where}.")  # root_degree is build_schedule's
     try:
         built = build_schedule(sched)
     except ValueError as e:

@@ -35,6 +35,7 @@ __all__ = [
     "CustomSchedule",
     "LengthRamp",
     "build_schedule",
+    "check_ramp_type",
     "SCHEDULE_TYPES",
     "RAMP_TYPES",
 ]
@@ -66,6 +67,17 @@ def _check_root_degree(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return value
+
+
+def check_ramp_type(schedule_type: Any, root_degree: Any = 1, where: str = "") -> float:
+    """A length ramp's ``schedule_type`` (one of :data:`RAMP_TYPES`) and ``root_degree`` (a positive finite number,
+    and 1 unless ``fixed_root``); returns the root degree. ``where`` prefixes the key names in messages."""
+    if schedule_type not in RAMP_TYPES:
+        raise ValueError(f"{where}schedule_type must be one of {', '.join(RAMP_TYPES)}; got {schedule_type!r}")
+    root_degree = _check_root_degree(f"{where}root_degree", root_degree)
+    if schedule_type == "fixed_linear" and root_degree != 1:
+        raise ValueError(f"{where}root_degree needs schedule_type='fixed_root' (got {root_degree} with fixed_linear)")
+    return root_degree
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -143,6 +143,12 @@ def test_from_deepspeed_total_layer_num_checked_against_the_model():
         (dict(min_tokens=8, schedule_type="fixed_root", root_degree=0), ValueError, "root_degree"),
         (dict(min_tokens=8, layers="1,2"), TypeError, "layers"),
         (dict(min_tokens=1, keep_positions=[0, 1]), ValueError, "keep_positions"),
+        (dict(min_tokens=8, layers=[1, 1]), ValueError, "duplicate"),
+        (dict(min_tokens=8, layers=[-1]), ValueError, "negative"),
+        (dict(min_tokens=8, layers=[]), ValueError, "at least one"),
+        (dict(min_tokens=8, keep_positions=[0, 0]), ValueError, "duplicates"),
+        (dict(min_tokens=8, duration=float("inf")), ValueError, "duration"),
+        (dict(min_tokens=8, schedule_type="fixed_root", root_degree=float("nan")), ValueError, "root_degree"),
     ],
 )
 def test_bad_arguments(kwargs, exc, msg):

@@ -19,8 +19,11 @@ def flat_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t[B, N, H]`` as ``[B * N, H]``: a view when the strides allow it, else a contiguous copy."""
-    return t.reshape(-1, t.shape[2])
+    """``t[B, N, H]`` as ``[B * N, H]``: a view when the strides allow it, else a contiguous copy.
+
+    The row count is explicit (not ``-1``): with ``H == 0`` it could not be inferred.
+    """
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
 
 def _dense_copy(t: torch.Tensor) -> torch.Tensor:
@@ -38,7 +41,7 @@ class GatherTokens(torch.autograd.Function):
         ctx.save_for_backward(flat)
         ctx.seq_len = seq_len
         out = x.new_empty(bsz, idx.shape[1], width)
-        torch.index_select(_rows(x), 0, flat, out=out.view(-1, width))
+        torch.index_select(_rows(x), 0, flat, out=_rows(out))
         return out
 
     @staticmethod
@@ -46,7 +49,7 @@ class GatherTokens(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         bsz, _, width = grad.shape
         out = grad.new_zeros(bsz, ctx.seq_len, width)
-        out.view(-1, width).index_add_(0, flat, _rows(grad))
+        _rows(out).index_add_(0, flat, _rows(grad))
         return out, None
 
 
@@ -61,8 +64,9 @@ class ScatterTokens(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         flat = flat_index(idx, x.shape[1])
         ctx.save_for_backward(flat)
+        ctx.kept = idx.shape[1]
         out = _dense_copy(x)
-        out.view(-1, x.shape[2]).index_copy_(0, flat, _rows(y))
+        _rows(out).index_copy_(0, flat, _rows(y))
         return out
 
     @staticmethod
@@ -72,7 +76,7 @@ class ScatterTokens(torch.autograd.Function):
         bsz, _, width = grad.shape
         grad_x = _dense_copy(grad) if need_x else None
         rows = _rows(grad_x if need_x else grad)
-        grad_y = rows.index_select(0, flat).view(bsz, -1, width) if need_y else None
+        grad_y = rows.index_select(0, flat).view(bsz, ctx.kept, width) if need_y else None
         if need_x:
             rows.index_fill_(0, flat, 0)
         return grad_x, grad_y, None

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_dataeff.schedules import RAMP_TYPES, LengthRamp
+from lightning_dataeff.schedules import LengthRamp, check_ramp_type
 
 __all__ = ["check_duration", "resolve_duration", "LengthRampCallback"]
 
@@ -65,10 +65,7 @@ class LengthRampCallback(Callback):
         root_degree: float,
         names: Mapping[str, str],
     ) -> None:
-        if schedule_type not in RAMP_TYPES:
-            raise ValueError(f"schedule_type must be one of {', '.join(RAMP_TYPES)}; got {schedule_type!r}")
-        if schedule_type == "fixed_linear" and root_degree != 1:
-            raise ValueError("root_degree needs schedule_type='fixed_root'")
+        check_ramp_type(schedule_type, root_degree)
         self._ramp = LengthRamp(min_value, max_value, step_size, root_degree, names=names)
         self.duration = check_duration(duration)
         self.schedule_type = schedule_type
@@ -85,6 +82,18 @@ class LengthRampCallback(Callback):
     @total_steps.setter
     def total_steps(self, value: int | None) -> None:
         self._ramp.total_steps = value
+
+    def check_length(self, length: int, what: str = "the input length") -> None:
+        """For inputs of ``length`` tokens the ramp must change something: its minimum below ``length`` (else
+        nothing is ever cut or dropped) and its maximum, when set, at most ``length`` (else the ramp would be
+        capped early and end before ``duration``). ``ValueError`` naming the argument otherwise."""
+        n, ramp = self._ramp.names, self._ramp
+        if ramp.min_value >= length:
+            raise ValueError(
+                f"{n['min_value']} ({ramp.min_value}) must be < {what} ({length}): nothing would ever be shortened"
+            )
+        if ramp.max_value is not None and ramp.max_value > length:
+            raise ValueError(f"{n['max_value']} ({ramp.max_value}) must be <= {what} ({length})")
 
     def value_at(self, step: int, length: int) -> int:
         """The ramp's value at optimizer ``step`` for inputs of ``length`` tokens (never above ``length``).

@@ -17,7 +17,9 @@ from lightning_dataeff.random_ltd import (
     check_keep_positions,
     num_layers,
     remove_random_ltd,
+    resolve_layers,
 )
+from lightning_dataeff.random_ltd._checks import check_layers
 
 __all__ = ["RandomLTD"]
 
@@ -42,7 +44,8 @@ class RandomLTD(LengthRampCallback):
         schedule_type: ``"fixed_linear"`` or ``"fixed_root"``.
         seq_per_step: kept lengths are multiples of this (DeepSpeed's ``seq_per_step``).
         root_degree: root degree of ``fixed_root``.
-        layers: block indices that drop tokens (default every block but the first and the last).
+        layers: block indices that drop tokens (default every block but the first and the last); distinct and
+            non-negative (checked here), within the model's blocks (checked by :meth:`check_model` at setup).
         keep_positions: positions never dropped. ``None`` (default): the block adapter's default, the
             CLS token (position 0) for ViT/Dinov2/CLIP/BERT-family/ALBERT encoders (0 and 1 for DeiT), none for
             decoders; an explicit value, ``()`` included, overrides it.
@@ -67,14 +70,10 @@ class RandomLTD(LengthRampCallback):
     ) -> None:
         super().__init__(min_tokens, max_tokens, seq_per_step, duration, schedule_type, root_degree,
                          names={"min_value": "min_tokens", "max_value": "max_tokens", "step_size": "seq_per_step"})
-        if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable)):
-            raise TypeError(f"layers must be a sequence of block indices, got {layers!r}")
-        self.layers = None if layers is None else list(layers)
-        self.keep_positions = None if keep_positions is None else check_keep_positions(keep_positions)
-        if self.keep_positions is not None and self.min_tokens < len(self.keep_positions):
-            raise ValueError(
-                f"min_tokens ({min_tokens}) must be >= the number of keep_positions ({len(self.keep_positions)})"
-            )
+        self.layers = check_layers(layers)
+        self.keep_positions = None if keep_positions is None else check_keep_positions(
+            keep_positions, kept_tokens=self.min_tokens, kept_name="min_tokens"
+        )
         self.seed = check_int("seed", seed)
         self.block_types = None if block_types is None else tuple(block_types)
         self.expected_num_layers: int | None = None
@@ -190,13 +189,29 @@ class RandomLTD(LengthRampCallback):
             self._counters = counters
 
     # helpers --------------------------------------------------------------------------------------
-    def _apply(self, pl_module: pl.LightningModule) -> None:
-        found = num_layers(pl_module, self.block_types)  # a shared layer (ALBERT) counts once per call
-        if self.expected_num_layers is not None and found and found != self.expected_num_layers:
+    def check_model(self, num_layers: int, seq_len: int | None = None, shortest: int | None = None) -> None:
+        """Check the arguments against a model of ``num_layers`` transformer blocks; ``ValueError``/``IndexError``
+        naming the argument otherwise. Runs at setup on the patched model; the recipes run it before building one.
+
+        With ``seq_len`` (the model's input length, known for fixed-length data) the ramp must drop tokens
+        (:meth:`check_length`) and ``keep_positions`` must lie in the shortest input (``shortest``, default
+        ``seq_len``; shorter when a sequence-length curriculum cuts batches).
+        """
+        if self.expected_num_layers is not None and num_layers != self.expected_num_layers:
             raise ValueError(
-                f"random_ltd.total_layer_num is {self.expected_num_layers} but the model has {found} "
+                f"random_ltd.total_layer_num is {self.expected_num_layers} but the model has {num_layers} "
                 "transformer blocks"
             )
+        resolve_layers(self.layers, num_layers)
+        if seq_len is not None:
+            self.check_length(seq_len, "the model's sequence length")
+            if self.keep_positions is not None:
+                check_keep_positions(self.keep_positions, seq_len=shortest or seq_len)
+
+    def _apply(self, pl_module: pl.LightningModule) -> None:
+        found = num_layers(pl_module, self.block_types)  # a shared layer (ALBERT) counts once per call
+        if found:  # no block: apply_random_ltd names the supported classes
+            self.check_model(found)
         previous = self._state  # a second fit continues the counters
         self._state = apply_random_ltd(
             pl_module,

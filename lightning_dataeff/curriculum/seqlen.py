@@ -17,6 +17,8 @@ SEQLEN_MODES = ("truncate", "reshape")
 #: ``seqlen`` (truncate) as a shorthand. A ``schedule_based`` ``seqlen`` metric admits samples by length instead.
 SEQLEN_METRICS = {"seqlen": "truncate", "seqlen_truncate": "truncate", "seqlen_reshape": "reshape"}
 _REFERENCE_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "labels")
+#: Hugging Face names of per-token entries: in a batch cut by default they must all have the same length.
+_TOKEN_KEYS = _REFERENCE_KEYS + ("position_ids", "token_type_ids", "special_tokens_mask")
 
 
 def _sequence_keys(batch: Mapping[str, Any], keys: Sequence[str] | None) -> tuple[list[str], int, int]:
@@ -42,6 +44,14 @@ def _sequence_keys(batch: Mapping[str, Any], keys: Sequence[str] | None) -> tupl
             )
     bsz, seq = batch[ref].shape[:2]
     if keys is None:
+        for k in _TOKEN_KEYS:
+            v = batch.get(k)
+            if isinstance(v, torch.Tensor) and v.dim() in (2, 3) and v.shape[0] in (1, bsz) and v.shape[1] != seq:
+                raise ValueError(
+                    f"batch[{k!r}] has shape {tuple(v.shape)} but batch[{ref!r}] has {tuple(batch[ref].shape)}: "
+                    "per-token entries must have the same sequence length; fix the collate function or pass "
+                    "keys=[...] to name the entries to cut"
+                )
         keys = [
             k for k, v in batch.items()
             if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == bsz and v.shape[1] == seq

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -33,6 +34,18 @@ def count_layer_tokens(
     return batch_size * (seq_len * (num_layers - num_ltd_layers) + min(kept_tokens, seq_len) * num_ltd_layers)
 
 
+def _check_consumed(value: Any, name: str) -> int:
+    """A consumed layer-token count (int, integral float or one-element tensor) as an int >= 0."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    try:
+        return check_int(name, value, 0, allow_float=True)
+    except ValueError:
+        raise ValueError(
+            f"LayerTokenLRScheduler: {name} gave {value!r}; consumed layer-tokens must be a non-negative integer"
+        ) from None
+
+
 class LayerTokenLRScheduler(LRScheduler):
     """Learning rate as a function of consumed layer-tokens (warmup, then cosine/linear decay).
 
@@ -53,7 +66,8 @@ class LayerTokenLRScheduler(LRScheduler):
         warmup_layer_tokens: layer-tokens of linear warmup from 0.
         decay: ``"cosine"``, ``"linear"`` or ``"constant"``.
         min_lr_ratio: final lr as a fraction of the base lr.
-        counter: returns the consumed layer-tokens so far, summed over processes (``TokenBudget``).
+        counter: returns the consumed layer-tokens so far, summed over processes (``TokenBudget``): a
+            non-negative integer (an integral float or a one-element tensor is accepted), else ``ValueError``.
     """
 
     def __init__(
@@ -79,7 +93,8 @@ class LayerTokenLRScheduler(LRScheduler):
             )
         if decay not in _DECAYS:
             raise ValueError(f"decay must be one of {', '.join(_DECAYS)}; got {decay!r}")
-        if not isinstance(min_lr_ratio, (int, float)) or not 0.0 <= min_lr_ratio <= 1.0:
+        ratio_ok = isinstance(min_lr_ratio, (int, float)) and not isinstance(min_lr_ratio, bool)
+        if not ratio_ok or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         if not callable(counter):
             raise TypeError(f"counter must be a callable returning consumed layer-tokens, got {counter!r}")
@@ -91,7 +106,8 @@ class LayerTokenLRScheduler(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, consumed: int) -> float:
-        """Multiplier of the base lr after ``consumed`` layer-tokens."""
+        """Multiplier of the base lr after ``consumed`` layer-tokens (a non-negative integer)."""
+        consumed = _check_consumed(consumed, "consumed")
         if consumed < self.warmup_layer_tokens:
             return consumed / self.warmup_layer_tokens
         span = self.total_layer_tokens - self.warmup_layer_tokens
@@ -104,7 +120,7 @@ class LayerTokenLRScheduler(LRScheduler):
         return 1.0
 
     def get_lr(self) -> list[float]:
-        f = self.factor(int(self.counter()))
+        f = self.factor(_check_consumed(self.counter(), "counter()"))
         return [base * f for base in self.base_lrs]
 
     def state_dict(self) -> dict:

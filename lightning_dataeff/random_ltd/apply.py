@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_dataeff._validation import check_int
 
+from ._checks import check_keep_positions, resolve_layers
 from .blocks import _ATTR, BlockAdapter, base_type, find_blocks, unsupported_model_error, warn_unhandled_args
 from .state import RandomLTDState, SharedCalls, TokenCounts
 
@@ -305,46 +306,6 @@ def _hook_blocks(blocks: list[tuple[str, nn.Module, BlockAdapter]], calls: list[
     if tracker is not None:
         hooks.extend(module.register_forward_hook(tracker) for _, module, _ in blocks)
     return hooks
-
-
-def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
-    """Validated, sorted block indices; ``None`` = every block but the first and the last."""
-    if layers is None:
-        if num_layers < 3:
-            raise ValueError(
-                f"layers: the model has {num_layers} transformer block(s); the default (every block but the "
-                "first and the last) is empty, pass layers explicitly"
-            )
-        return list(range(1, num_layers - 1))
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise TypeError(f"layers must be a sequence of block indices, got {layers!r}")
-    out = []
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layers: block index {i!r} is not an integer")
-        if not 0 <= i < num_layers:
-            raise IndexError(
-                f"layers: block index {i} is out of range; the model has {num_layers} blocks (0..{num_layers - 1})"
-            )
-        out.append(i)
-    if not out:
-        raise ValueError("layers must name at least one block")
-    if len(set(out)) != len(out):
-        raise ValueError(f"layers has duplicate indices: {list(layers)}")
-    return sorted(out)
-
-
-def check_keep_positions(keep_positions: Sequence[int]) -> tuple[int, ...]:
-    """``keep_positions`` as a tuple of distinct non-negative positions; ``TypeError``/``ValueError`` otherwise."""
-    if isinstance(keep_positions, (str, bytes)) or not isinstance(keep_positions, Iterable):
-        raise TypeError(f"keep_positions must be a sequence of token positions, got {keep_positions!r}")
-    out = tuple(keep_positions)
-    for p in out:
-        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"keep_positions: {p!r} is not a non-negative integer position")
-    if len(set(out)) != len(out):
-        raise ValueError(f"keep_positions has duplicates: {out}")
-    return out
 
 
 def apply_random_ltd(

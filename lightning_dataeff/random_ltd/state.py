@@ -11,6 +11,8 @@ import torch.distributed as dist
 from lightning_dataeff._validation import check_int
 from lightning_dataeff.kernels import sample_token_indices
 
+from ._checks import check_kept_tokens
+
 __all__ = ["RandomLTDState", "TokenCounts"]
 
 _M32 = 0xFFFFFFFF
@@ -168,10 +170,7 @@ class RandomLTDState(TokenCounts):
     @kept_tokens.setter
     def kept_tokens(self, value: int) -> None:
         value = check_int("kept_tokens", value, 1)
-        if value < len(self.keep_positions):
-            raise ValueError(
-                f"kept_tokens ({value}) must be >= the number of keep_positions ({len(self.keep_positions)})"
-            )
+        check_kept_tokens(value, self.keep_positions)
         self._kept_tokens = value
 
     def kept_for(self, seq_len: int) -> int:

@@ -7,14 +7,18 @@ A recipe is a YAML file merged onto :class:`RecipeConfig` with OmegaConf, plus d
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import importlib
 import inspect
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "validate_compare",
     "load_recipe",
     "import_class",
+    "resolve_file",
+    "check_trainer_value",
 ]
 
 TASKS = ("causal_lm", "image_classification")
@@ -45,6 +51,8 @@ DEFAULT_VARIANTS: Dict[str, List[str]] = {
 LR_SCHEDULES = ("layer_tokens", "steps", "constant")
 LR_DECAYS = ("cosine", "linear", "constant")
 LOGGERS = ("csv", "tensorboard", "none")
+#: ``seed + i`` seeds numpy and torch (``lightning.seed_everything``), which take 32-bit seeds.
+MAX_SEED = 2**32 - 1
 
 
 class RecipeError(ValueError):
@@ -80,6 +88,7 @@ class DataConfig:
     max_val_samples: Optional[int] = None
     num_workers: int = 0
     cache_dir: Optional[str] = None
+    skip_bad_files: bool = False  # local files: skip (and count) undecodable text / unreadable images, not fail
     # text
     seq_len: int = 128
     tokenizer: str = "bpe"  # "bpe": byte-level BPE trained on the training text; else a Hub tokenizer name
@@ -173,11 +182,28 @@ def _omegaconf_error(exc: OmegaConfBaseException, where: str) -> RecipeError:
     return RecipeError(f"{where}: {_one_line(msg)}")
 
 
+def resolve_file(path: str | Path, key: str, what: str, base_dir: Path | None = None) -> Path:
+    """``path`` as an existing file (a relative one also tried under ``base_dir``); ``RecipeError`` naming ``key``
+    when it is missing or a directory."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base_dir is not None and not p.exists() and (base_dir / p).exists():
+        p = base_dir / p
+    if p.is_dir():
+        raise RecipeError(f"invalid value for '{key}': {path} is a directory; give the {what} file")
+    if not p.is_file():
+        raise RecipeError(f"invalid value for '{key}': {what} file not found: {path}")
+    return p
+
+
 def _read_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise RecipeError(f"recipe path {path} is a directory; give the recipe YAML file")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
         loaded = OmegaConf.load(path)
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or _one_line(exc)}") from None
     except Exception as exc:  # yaml.YAMLError and friends
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         mark = getattr(exc, "problem_mark", None)
@@ -185,7 +211,48 @@ def _read_yaml(path: Path) -> DictConfig:
         raise RecipeError(f"cannot parse recipe file {path}: {_one_line(problem)}{where}") from None
     if not isinstance(loaded, DictConfig):
         raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    _check_shape(OmegaConf.to_container(loaded), RecipeConfig, "", str(path))
     return loaded
+
+
+def _describe_container(tp: Any) -> str | None:
+    """How a list / mapping / section field of the schema is written, or None for a scalar."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a mapping {" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
+    if origin in (list, List):
+        (item,) = typing.get_args(tp) or (Any,)
+        inner = _describe_container(item)
+        if inner and inner.startswith("a mapping {"):
+            return f"a list of {inner[len('a mapping '):]} mappings"
+        return f"a list of {inner[2:]}s" if inner else "a list"
+    if origin in (dict, Dict):
+        return "a mapping"
+    return None
+
+
+def _check_shape(node: Any, tp: Any, key: str, where: str) -> None:
+    """Lists, mappings and sections of the raw YAML must have the schema's container shape (OmegaConf's merge
+    reports a wrong one as 'Cannot merge incompatible container types', without the key)."""
+    if node is None or (isinstance(node, str) and node.startswith("${")):
+        return
+    expected = _describe_container(tp)
+    if expected is None:
+        return
+    origin = typing.get_origin(tp)
+    is_list = origin in (list, List)
+    if is_list != isinstance(node, list) or (not is_list and not isinstance(node, dict)):
+        got = "a list" if isinstance(node, list) else "a mapping" if isinstance(node, dict) else repr(node)
+        raise RecipeError(f"{where}: invalid value for '{key}': must be {expected}, got {got}")
+    if is_list:
+        (item,) = typing.get_args(tp) or (Any,)
+        for i, v in enumerate(node):
+            _check_shape(v, item, f"{key}[{i}]", where)
+    elif dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        for name, v in node.items():
+            if name in hints:
+                _check_shape(v, hints[name], f"{key}.{name}" if key else str(name), where)
 
 
 def _apply_override(cfg: DictConfig, item: str) -> None:
@@ -195,11 +262,53 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
         raise RecipeError(f"override {item!r} must look like dotted.key=value")
     try:
         value = OmegaConf.from_dotlist([f"value={text}"])["value"]
-        OmegaConf.update(cfg, key, value, merge=True)
+        target = _check_override_target(cfg, key, value, item)
+        # A whole callback entry is replaced (its init_args are those of the new class), other mappings merge.
+        if target is CallbackSpec and isinstance(value, DictConfig):
+            value = OmegaConf.merge(OmegaConf.structured(CallbackSpec), value)
+        OmegaConf.update(cfg, key, value, merge=target is not CallbackSpec)
+    except RecipeError:
+        raise
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, f"override {item!r}") from None
     except (TypeError, ValueError, IndexError) as exc:
         raise RecipeError(f"override {item!r}: invalid key '{key}': {_one_line(exc)}") from None
+
+
+def _key_parts(key: str) -> list[str | int]:
+    """``callbacks[1].init_args.x`` / ``callbacks.1.init_args.x`` -> ``["callbacks", 1, "init_args", "x"]``."""
+    parts: list[str | int] = []
+    for piece in key.replace("[", ".").replace("]", "").split("."):
+        if piece:
+            parts.append(int(piece) if piece.isdigit() else piece)
+    return parts
+
+
+def _check_override_target(cfg: DictConfig, key: str, value: Any, item: str) -> Any:
+    """A list index must exist, and a list / mapping value must have the schema's shape at ``key``; returns the
+    schema's type at ``key``."""
+    parts, node, tp = _key_parts(key), cfg, RecipeConfig
+    for depth, part in enumerate(parts):
+        here = key if depth == len(parts) - 1 else "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts[: depth + 1]
+        ).lstrip(".")
+        if isinstance(part, int):
+            if not OmegaConf.is_list(node):
+                return Any
+            if part >= len(node):
+                parent = here.rpartition("[")[0]
+                raise RecipeError(
+                    f"override {item!r}: invalid key '{here}': '{parent}' has {len(node)} entries; "
+                    f"replace the whole list with {parent}=[...] to add one"
+                )
+            tp = (typing.get_args(tp) or (Any,))[0]
+        else:
+            hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+            tp = hints.get(part, Any)
+        node = node[part] if node is not None and (OmegaConf.is_list(node) or part in node) else None
+    if isinstance(value, (DictConfig, ListConfig)):
+        _check_shape(OmegaConf.to_container(value), tp, key, f"override {item!r}")
+    return tp
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
@@ -235,13 +344,28 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise RecipeError(f"invalid value for '{key}': {msg}")
 
 
+def _check_finite(node: Any, key: str) -> None:
+    """Every float of the recipe, nested ones (``init_args``, ``model.config``, ``trainer``) included, is finite."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise RecipeError(f"invalid value for '{key}': {node} is not a finite number")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_finite(v, f"{key}[{i}]")
+
+
 def _check_choice(value: str, key: str, allowed: Sequence[str]) -> None:
     _check(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
 
 
 def validate(r: RecipeConfig, base_dir: Path | None = None) -> None:
     """Range and consistency checks the schema's types cannot express."""
+    _check_finite(dataclasses.asdict(r), "")
     _check_choice(r.task, "task", TASKS)
+    _check(0 <= r.seed and r.seed + max(r.compare.seeds, 1) - 1 <= MAX_SEED, "seed",
+           f"must be in [0, {MAX_SEED}] (with compare.seeds, seed + seeds - 1 too): numpy and torch take 32-bit seeds")
     variants = variants_of(r)
     _check_choice(r.variant, "variant", list(variants))
     _check_choice(r.logger, "logger", LOGGERS)
@@ -271,12 +395,7 @@ def validate(r: RecipeConfig, base_dir: Path | None = None) -> None:
     _check(b.max_tokens is None or b.max_tokens >= 1, "budget.max_tokens", "must be >= 1")
     validate_compare(r.compare, variants)
     if r.from_deepspeed is not None:
-        ds = Path(r.from_deepspeed)
-        if not ds.is_absolute() and base_dir is not None and not ds.is_file():
-            ds = base_dir / ds
-        if not ds.is_file():
-            raise RecipeError(f"invalid value for 'from_deepspeed': file not found: {r.from_deepspeed}")
-        r.from_deepspeed = str(ds)
+        r.from_deepspeed = str(resolve_file(r.from_deepspeed, "from_deepspeed", "DeepSpeed config JSON", base_dir))
     _validate_trainer(r.trainer)
     for i, spec in enumerate(r.callbacks):
         _validate_callback(spec, f"callbacks[{i}]")
@@ -320,11 +439,112 @@ def _validate_trainer(trainer: Dict[str, Any]) -> None:
     from lightning import Trainer
 
     params = inspect.signature(Trainer.__init__).parameters
-    for key in trainer:
+    for key, value in trainer.items():
         if key in _RESERVED_TRAINER_KEYS:
             raise RecipeError(f"invalid key 'trainer.{key}': set by the recipe; use {_RESERVED_TRAINER_KEYS[key]}")
         if key not in params:
             raise RecipeError(f"unknown key 'trainer.{key}': not an argument of lightning.Trainer")
+        check_trainer_value(key, value)
+
+
+def _steps_or_unlimited(v: Any) -> bool:
+    return v == -1 or v >= 1
+
+
+# Ranges Lightning's Trainer does not check itself (it fails later, or runs nothing): key -> (ok, allowed).
+_TRAINER_RANGES: dict[str, tuple[Any, str]] = {
+    "accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "max_steps": (_steps_or_unlimited, "an integer >= 1, or -1 (no limit)"),
+    "max_epochs": (lambda v: v is None or _steps_or_unlimited(v), "an integer >= 1, -1 (no limit) or null"),
+    "min_steps": (lambda v: v is None or v >= 0, "an integer >= 0 or null"),
+    "min_epochs": (lambda v: v is None or v >= 0, "an integer >= 0 or null"),
+    "check_val_every_n_epoch": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    "log_every_n_steps": (lambda v: v is None or v >= 0, "an integer >= 0 or null"),
+    "num_sanity_val_steps": (lambda v: v is None or v >= -1, "an integer >= -1 or null"),
+    "val_check_interval": (
+        lambda v: not isinstance(v, (int, float)) or (v >= 1 if isinstance(v, int) else 0 < v <= 1),
+        "an integer >= 1 (batches), a float in (0, 1] (fraction of an epoch) or null",
+    ),
+    "limit_train_batches": (
+        lambda v: v is None or (v >= 1 if isinstance(v, int) else 0 < v <= 1),
+        "an integer >= 1, a float in (0, 1] or null: the run must train",
+    ),
+}
+
+
+def check_trainer_value(key: str, value: Any) -> None:
+    """``trainer.<key>`` against the type of ``lightning.Trainer``'s argument (its annotation) and the ranges
+    Lightning leaves unchecked; ``RecipeError`` naming the key. Values Lightning checks itself (``precision``,
+    ``devices``, ...) are checked again when the recipe's Trainer is built, before any data is read."""
+    from lightning import Trainer
+
+    tp = typing.get_type_hints(Trainer.__init__).get(key, Any)
+    if not _matches(value, tp):
+        raise RecipeError(f"invalid value for 'trainer.{key}': {value!r} is not {_describe_type(tp)}")
+    ok, allowed = _TRAINER_RANGES.get(key, (None, ""))
+    if ok is not None and not ok(value):
+        raise RecipeError(f"invalid value for 'trainer.{key}': must be {allowed}, got {value!r}")
+
+
+def _union_args(tp: Any) -> tuple | None:
+    origin = typing.get_origin(tp)
+    return typing.get_args(tp) if origin is Union or origin is getattr(types, "UnionType", ()) else None
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a YAML value (None, bool, int, float, str, list, dict) fits a type annotation; constructs that
+    YAML cannot express (a Strategy instance, a timedelta) never match, unknown ones always do."""
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    args = _union_args(tp)
+    if args is not None:
+        return any(_matches(value, a) for a in args)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
+        (item, *_) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        k_tp, v_tp = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(_matches(k, k_tp) and _matches(v, v_tp) for k, v in value.items())
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _describe_type(tp: Any) -> str:
+    """``int | float | None`` -> 'an integer, a number or null' (only what a YAML value can be)."""
+    args = _union_args(tp)
+    options = list(args) if args is not None else [tp]
+    literals = [a for o in options if typing.get_origin(o) is Literal for a in typing.get_args(o)]
+    parts = [_describe_one(o) for o in options if typing.get_origin(o) is not Literal]
+    if literals:
+        parts.insert(0, "one of " + ", ".join(repr(a) for a in literals))
+    parts = [p for p in dict.fromkeys(parts) if p]
+    if not parts:
+        return "a value a recipe can express"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _describe_one(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
+        (item, *_) = typing.get_args(tp) or (Any,)
+        inner = _describe_type(item)
+        return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s" if inner.startswith("a") else "a list"
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(tp, "")
 
 
 def import_class(class_path: str, key: str) -> type:

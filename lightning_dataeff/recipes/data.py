@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,7 +22,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_dataeff.recipes.config import HubUnavailableError, RecipeError, _one_line
 
-__all__ = ["TextDataModule", "ImageDataModule", "cache_root", "hub_call", "OFFLINE_RECIPES"]
+__all__ = [
+    "TextDataModule",
+    "ImageDataModule",
+    "cache_root",
+    "hub_call",
+    "OFFLINE_RECIPES",
+    "IMAGE_SUFFIXES",
+    "image_files",
+    "text_files",
+]
 
 OFFLINE_RECIPES = {"causal_lm": "recipes/gpt2-tiny.yaml", "image_classification": "recipes/vit-tiny.yaml"}
 _EOS = "<|endoftext|>"
@@ -110,14 +120,16 @@ def _join_lines(lines: Sequence[str]) -> str:
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
 
-def _read_text_source(source: str, text_field: str) -> tuple[list[str], list[str] | None]:
+def _read_text_source(
+    source: str, text_field: str, skip_bad_files: bool = False
+) -> tuple[list[str], list[str] | None]:
     """Documents for training and, when the source has one, its own validation split."""
     if source == "pydoc_topics":
         from pydoc_data.topics import topics
 
         return [topics[k] for k in sorted(topics)], None
     if source == "stdlib_source":
-        return [f.read_text(encoding="utf-8") for f in stdlib_source_files()], None
+        return _read_text_files(stdlib_source_files(), source, skip_bad_files), None
     if source.startswith("hf:"):
         ds = _load_hf_dataset(source, "causal_lm")
         if text_field not in ds["train"].column_names:
@@ -128,14 +140,20 @@ def _read_text_source(source: str, text_field: str) -> tuple[list[str], list[str
         val_split = next((s for s in ("validation", "valid", "test") if s in ds), None)
         val = [_join_lines(ds[val_split][text_field])] if val_split else None
         return [_join_lines(ds["train"][text_field])], val
+    return _read_text_files(text_files(source), source, skip_bad_files), None
+
+
+def text_files(source: str) -> list[Path]:
+    """The ``.txt`` files of a local text source (a file, or a folder searched recursively); ``RecipeError``
+    naming ``data.source`` when there are none. Lists files only: cheap enough for the validation pass."""
     path = Path(source).expanduser()
     if path.is_file():
-        return [path.read_text(encoding="utf-8", errors="replace")], None
+        return [path]
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
+        files = sorted(f for f in path.rglob("*.txt") if f.is_file())
         if not files:
             raise RecipeError(f"invalid value for 'data.source': no .txt files under {source}")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files], None
+        return files
     raise RecipeError(
         f"invalid value for 'data.source': {source!r} is not pydoc_topics, stdlib_source, hf:<name>[:<config>] "
         "or an existing path"
@@ -153,6 +171,49 @@ def stdlib_source_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
     return [p for p in sorted(root.rglob("*.py")) if not skip & set(p.relative_to(root).parts[:-1])]
+
+
+def _decode_text(path: Path) -> str:
+    """A file's text, strictly UTF-8 (a BOM is dropped); ``ValueError`` saying why it is not text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"looks binary (NUL byte at offset {nul}), not text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _skipped(bad: list[tuple[Path, str]], total: int, source: str, skip: bool, kind: str) -> None:
+    """Refuse the first bad file (one line naming it), or with ``data.skip_bad_files`` warn with the count."""
+    if not bad:
+        return
+    first = f"{bad[0][0]} {bad[0][1]}"
+    if not skip:
+        raise RecipeError(
+            f"invalid value for 'data.source': {first}; fix or remove it, or set data.skip_bad_files=true to skip "
+            f"bad {kind}"
+        )
+    if len(bad) == total:
+        raise RecipeError(f"invalid value for 'data.source': all {total} {kind} under {source} are unreadable "
+                          f"(first: {first})")
+    warnings.warn(f"data.skip_bad_files: skipped {len(bad)} of {total} {kind} under {source} (first: {first})",
+                  stacklevel=3)
+
+
+def _read_text_files(files: list[Path], source: str, skip_bad_files: bool) -> list[str]:
+    docs, bad = [], []
+    for f in files:
+        try:
+            docs.append(_decode_text(f))
+        except ValueError as exc:
+            bad.append((f, str(exc)))
+    _skipped(bad, len(files), source, skip_bad_files, "text files")
+    return docs
 
 
 def train_bpe_tokenizer(docs: Sequence[str], vocab_size: int, cache_dir: str | None = None) -> Any:
@@ -246,9 +307,11 @@ class TextDataModule(_RecipeDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         seed: int = 1234,
+        skip_bad_files: bool = False,
     ) -> None:
         super().__init__()
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
+        self.skip_bad_files = skip_bad_files
         self.tokenizer, self.requested_vocab_size = tokenizer, vocab_size
         self.val_fraction, self.max_val_samples = val_fraction, max_val_samples
         self.val_batch_size = val_batch_size or batch_size
@@ -261,7 +324,7 @@ class TextDataModule(_RecipeDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train_docs, val_docs = _read_text_source(self.source, self.text_field)
+        train_docs, val_docs = _read_text_source(self.source, self.text_field, self.skip_bad_files)
         if val_docs is None:
             train_idx, val_idx = _split_indices(len(train_docs), self.val_fraction)
             if len(train_docs) < 2:  # one long text: split its blocks instead of its documents
@@ -276,12 +339,67 @@ class TextDataModule(_RecipeDataModule):
             train, val = train[n_val:], train[:n_val]
         if train.shape[0] == 0:
             raise RecipeError(f"invalid value for 'data.seq_len': {self.seq_len} is longer than the training text")
+        if train.shape[0] < self.batch_size:
+            raise RecipeError(
+                f"invalid value for 'data.seq_len' / 'data.batch_size': blocks of {self.seq_len} tokens give "
+                f"{train.shape[0]} training samples, fewer than a batch of {self.batch_size}"
+            )
         if self.max_val_samples is not None:
             val = val[: self.max_val_samples]
         self.train_set, self.val_set = TokenBlocks(train), TokenBlocks(val)
 
 
 # --------------------------------------------------------------------------------------------- images
+
+
+#: Files of a class folder read as images (torchvision's ``ImageFolder`` suffixes, and GIF); others are ignored.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def image_files(source: str, warn: bool = False) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and ``(file, label)`` pairs of a local image folder (one sub-folder per class); ``RecipeError``
+    naming ``data.source`` unless there are at least 2 classes, each with an image. Lists files only (cheap: the
+    validation pass runs it); ``warn``: say how many files without an image suffix are ignored."""
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise RecipeError(
+            f"invalid value for 'data.source': {source!r} is not digits, hf:<name>[:<config>] or a folder"
+        )
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise RecipeError(f"invalid value for 'data.source': no class sub-folders in {source} (one folder of "
+                          "images per class)")
+    if len(classes) < 2:
+        raise RecipeError(f"invalid value for 'data.source': {source} has one class sub-folder ({classes[0]}); "
+                          "image classification needs at least 2")
+    files, other = [], 0
+    for label, name in enumerate(classes):
+        found = []
+        for f in sorted((root / name).iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((f, label))
+                else:
+                    other += 1
+        if not found:
+            raise RecipeError(f"invalid value for 'data.source': class folder {root / name} has no image files "
+                              f"({', '.join(IMAGE_SUFFIXES)})")
+        files += found
+    if other and warn:
+        warnings.warn(f"data.source: ignored {other} file(s) without an image suffix under {source}", stacklevel=2)
+    return classes, files
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image (PIL's ``verify``: header and structure, no decoding), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # UnidentifiedImageError, OSError (truncated), SyntaxError (broken PNG chunks)
+        return f"cannot be read as an image ({type(exc).__name__}: {_one_line(exc)})"
+    return None
 
 
 def _to_pixels(image: Any, image_size: int, num_channels: int) -> torch.Tensor:
@@ -339,8 +457,10 @@ class ImageDataModule(_RecipeDataModule):
         label_field: str = "label",
         num_workers: int = 0,
         seed: int = 1234,
+        skip_bad_files: bool = False,
     ) -> None:
         super().__init__()
+        self.skip_bad_files = skip_bad_files
         self.source, self.image_size, self.batch_size, self.num_channels = source, image_size, batch_size, num_channels
         self.val_fraction, self.max_val_samples = val_fraction, max_val_samples
         self.val_batch_size = val_batch_size or batch_size
@@ -372,21 +492,26 @@ class ImageDataModule(_RecipeDataModule):
             if val_split is None:
                 return load(train), len(train), None, 0, num_labels
             return load(train), len(train), load(ds[val_split]), len(ds[val_split]), num_labels
-        root = Path(self.source).expanduser()
-        if not root.is_dir():
-            raise RecipeError(
-                f"invalid value for 'data.source': {self.source!r} is not digits, hf:<name>[:<config>] or a folder"
-            )
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir()) if f.is_file()]
-        if not files:
-            raise RecipeError(f"invalid value for 'data.source': no images in class sub-folders of {self.source}")
+        classes, files = image_files(self.source, warn=True)
+        problems = [_image_problem(f) for f, _ in files]
+        bad = [(f, p) for (f, _), p in zip(files, problems) if p is not None]
+        _skipped(bad, len(files), self.source, self.skip_bad_files, "image files")
+        files = [item for item, p in zip(files, problems) if p is None]
+        empty = sorted(set(classes) - {classes[c] for _, c in files})
+        if empty:
+            raise RecipeError(f"invalid value for 'data.source': no readable image left in class folder(s) "
+                              f"{', '.join(empty)} under {self.source}")
 
         def load_file(i: int) -> tuple[Any, int]:
             from PIL import Image
 
-            with Image.open(files[i][0]) as im:
-                return im.copy(), files[i][1]
+            path, label = files[i]
+            try:
+                with Image.open(path) as im:
+                    return im.copy(), label
+            except Exception as exc:  # a file that passed verify() but does not decode
+                raise RecipeError(f"invalid value for 'data.source': {path} cannot be decoded as an image "
+                                  f"({type(exc).__name__}: {_one_line(exc)})") from None
 
         return load_file, len(files), None, 0, len(classes)
 
@@ -394,6 +519,9 @@ class ImageDataModule(_RecipeDataModule):
         if self.train_set is not None:
             return
         load, n, val_load, n_val, self.num_labels = self._sources()
+        if self.num_labels < 2:
+            raise RecipeError(f"invalid value for 'data.source': {self.source} has {self.num_labels} class(es); "
+                              "image classification needs at least 2")
         if val_load is None:
             train_idx, val_idx = _split_indices(n, self.val_fraction)
             load, val_load, n, n_val = _subset(load, train_idx), _subset(load, val_idx), len(train_idx), len(val_idx)

@@ -7,7 +7,11 @@ from the trainer's ``TokenBudget``), steps, or stays constant.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import math
+import re
 from typing import Any
 
 import lightning as L
@@ -18,32 +22,148 @@ from torch import nn
 from lightning_dataeff.recipes.config import OptimConfig, RecipeError, _one_line
 from lightning_dataeff.recipes.data import OFFLINE_RECIPES, hub_call
 
-__all__ = ["RecipeModule", "CausalLMModule", "ImageClassifierModule", "build_hf_model", "count_blocks"]
+__all__ = [
+    "RecipeModule",
+    "CausalLMModule",
+    "ImageClassifierModule",
+    "build_hf_model",
+    "build_config",
+    "check_config_keys",
+    "cached_pretrained_config",
+    "check_model_config",
+    "model_seq_len",
+    "count_blocks",
+]
+
+
+def _classes(task: str) -> tuple[type, type]:
+    import transformers
+
+    if task == "causal_lm":
+        return transformers.GPT2LMHeadModel, transformers.GPT2Config
+    return transformers.ViTForImageClassification, transformers.ViTConfig
+
+
+def _known_config_keys(cfg_cls: type) -> set[str]:
+    """Arguments a config class understands: its fields / ``__init__`` parameters, its defaults' keys and aliases."""
+    params = inspect.signature(cfg_cls.__init__).parameters.values()
+    known = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    if dataclasses.is_dataclass(cfg_cls):
+        known |= {f.name for f in dataclasses.fields(cfg_cls)}
+    known |= set(cfg_cls().to_dict()) | set(getattr(cfg_cls, "attribute_map", {}) or {})
+    return known | {"attn_implementation", "output_attentions", "torch_dtype"}
+
+
+def _config_error(exc: Exception, key: str) -> RecipeError:
+    """A config class's complaint as one line naming ``key.<field>`` when it names a field (transformers'
+    strict dataclass configs: "Validation error for field 'n_layer': TypeError: ...")."""
+    text = str(exc)
+    found = re.search(r"field '(\w+)'", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if found:
+        detail = lines[-1].split(": ", 1)[-1] if len(lines) > 1 else _one_line(text)
+        return RecipeError(f"invalid value for '{key}.{found.group(1)}': {_one_line(detail)}")
+    return RecipeError(f"invalid value for '{key}': {_one_line(text)}")
+
+
+def check_config_keys(task: str, config: dict[str, Any], key: str = "model.config") -> None:
+    """Every key of ``config`` is an argument of the task's config class (a typo names the closest one)."""
+    _, cfg_cls = _classes(task)
+    known = _known_config_keys(cfg_cls)
+    for name in config:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RecipeError(f"unknown key '{key}.{name}': not an argument of {cfg_cls.__name__}{hint}")
+
+
+def build_config(task: str, config: dict[str, Any], key: str = "model.config", **defaults: Any) -> Any:
+    """``GPT2Config``/``ViTConfig(**defaults, **config)`` (no weights): unknown keys and values the class refuses
+    raise :class:`RecipeError` naming ``key.<name>``."""
+    _, cfg_cls = _classes(task)
+    check_config_keys(task, config, key)
+    try:
+        return cfg_cls(**{**defaults, **config})
+    except Exception as exc:  # TypeError, ValueError, huggingface_hub's StrictDataclassFieldValidationError
+        raise _config_error(exc, key) from None
+
+
+def cached_pretrained_config(task: str, pretrained: str, config: dict[str, Any]) -> Any | None:
+    """A pretrained model's config from the local Hugging Face cache (no download), or None when not cached."""
+    _, cfg_cls = _classes(task)
+    try:
+        return cfg_cls.from_pretrained(pretrained, local_files_only=True, **config)
+    except Exception:  # not cached (OSError), or no Hub packages: checked after loading instead
+        return None
 
 
 def build_hf_model(task: str, pretrained: str | None, config: dict[str, Any], **defaults: Any) -> nn.Module:
     """``pretrained`` from the Hub, else a fresh model from ``GPT2Config``/``ViTConfig(**defaults, **config)``."""
-    import transformers
-
-    if task == "causal_lm":
-        cls, cfg_cls = transformers.GPT2LMHeadModel, transformers.GPT2Config
-    else:
-        cls, cfg_cls = transformers.ViTForImageClassification, transformers.ViTConfig
+    cls, _ = _classes(task)
     if pretrained:
         kwargs = {k: v for k, v in defaults.items() if k == "num_labels"}
         return hub_call(
             f"model {pretrained!r}", lambda: cls.from_pretrained(pretrained, **kwargs, **config), OFFLINE_RECIPES[task]
         )
-    try:
-        hf_config = cfg_cls(**{**defaults, **config})
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"invalid value for 'model.config': {_one_line(exc)}") from None
-    return cls(hf_config)
+    return cls(build_config(task, config, **defaults))
 
 
-def count_blocks(model: nn.Module) -> int:
-    """Number of transformer blocks (``num_hidden_layers`` of the Hugging Face config)."""
-    return int(model.config.num_hidden_layers)
+def _name(cfg: Any, attr: str) -> str:
+    """The user's key for a config attribute (GPT-2 aliases ``num_hidden_layers`` to ``n_layer``)."""
+    return (getattr(cfg, "attribute_map", None) or {}).get(attr, attr)
+
+
+def model_seq_len(task: str, cfg: Any, seq_len: int) -> int:
+    """Tokens per sample entering the transformer blocks: ``seq_len`` for text, patches + CLS for ViT."""
+    if task == "causal_lm":
+        return seq_len
+    return (int(cfg.image_size) // int(cfg.patch_size)) ** 2 + 1
+
+
+def check_model_config(task: str, cfg: Any, data: Any, key: str = "model.config") -> None:
+    """A model config against itself and the data (``data``: the recipe's :class:`DataConfig`): positive sizes,
+    heads dividing the width, probabilities in [0, 1], positions covering ``data.seq_len``, the image size and
+    channels of the data. ``RecipeError`` naming ``key.<name>`` (or the ``data`` key) otherwise."""
+
+    def bad(attr: str, msg: str) -> RecipeError:
+        return RecipeError(f"invalid value for '{key}.{_name(cfg, attr)}': {msg}")
+
+    for attr in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
+        value = getattr(cfg, attr, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad(attr, f"must be a positive integer, got {value!r}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise bad("num_attention_heads", f"{cfg.num_attention_heads} heads do not divide the width "
+                  f"{_name(cfg, 'hidden_size')}={cfg.hidden_size}")
+    for attr in ("n_inner", "intermediate_size"):
+        value = getattr(cfg, attr, None)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise bad(attr, f"must be a positive integer{' or null' if attr == 'n_inner' else ''}, got {value!r}")
+    for attr, value in cfg.to_dict().items():
+        if re.search(r"(pdrop|dropout|dropout_prob)$", attr) and isinstance(value, (int, float)):
+            if not 0 <= value <= 1:
+                raise bad(attr, f"a dropout probability must be in [0, 1], got {value!r}")
+        if attr in ("layer_norm_eps", "layer_norm_epsilon") and not (isinstance(value, (int, float)) and value > 0):
+            raise bad(attr, f"must be > 0, got {value!r}")
+    if task == "causal_lm":
+        positions = cfg.max_position_embeddings
+        if positions < data.seq_len:
+            raise bad("max_position_embeddings", f"{positions} positions are fewer than data.seq_len={data.seq_len}")
+        if data.tokenizer == "bpe" and cfg.vocab_size < data.vocab_size:
+            raise bad("vocab_size", f"{cfg.vocab_size} is smaller than data.vocab_size={data.vocab_size} (the "
+                      "tokenizer trained on the data may use all of it)")
+        return
+    for attr, data_key in (("image_size", "image_size"), ("num_channels", "num_channels")):
+        if getattr(cfg, attr) != getattr(data, data_key):
+            raise bad(attr, f"the model takes {attr}={getattr(cfg, attr)} but data.{data_key} is "
+                      f"{getattr(data, data_key)}; set data.{data_key} to match (or leave {key}.{attr} out)")
+    if not isinstance(cfg.patch_size, int) or not 1 <= cfg.patch_size <= cfg.image_size:
+        raise bad("patch_size", f"must be an integer in [1, image_size={cfg.image_size}], got {cfg.patch_size!r}")
+
+
+def count_blocks(model: nn.Module | Any) -> int:
+    """Number of transformer blocks (``num_hidden_layers`` of the Hugging Face config; a model or its config)."""
+    return int(getattr(model, "config", model).num_hidden_layers)
 
 
 def _lr_lambda(total: int, warmup: int, decay: str, min_ratio: float):

@@ -1,4 +1,9 @@
-"""Turn a validated recipe into Lightning objects and run them: ``fit`` and ``analyze``."""
+"""Turn a validated recipe into Lightning objects and run them: ``fit`` and ``analyze``.
+
+``fit`` is :func:`validate_run` (the validation pass: every check that can run before data is read, a tokenizer
+trained or a model built, and the objects those checks build: callbacks, Trainer, resume checkpoint), then the
+run itself under the ``output_dir`` lock (:class:`~lightning_dataeff.recipes.rundir.RunLock`).
+"""
 
 from __future__ import annotations
 
@@ -9,31 +14,50 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+from lightning_dataeff.recipes import preflight
 from lightning_dataeff.recipes.config import (
     CallbackSpec,
     RecipeConfig,
     RecipeError,
     _one_line,
     import_class,
+    validate,
     variants_of,
 )
 from lightning_dataeff.recipes.data import ImageDataModule, TextDataModule
+from lightning_dataeff.recipes.divergence import StopOnNonFiniteLoss, TrainingDiverged
 from lightning_dataeff.recipes.metrics import MetricsCSV
 from lightning_dataeff.recipes.models import (
     CausalLMModule,
     ImageClassifierModule,
     RecipeModule,
     build_hf_model,
+    check_model_config,
     count_blocks,
 )
+from lightning_dataeff.recipes.rundir import RunLock, check_output_dir, check_writable_dir, choose_checkpoint
 
-__all__ = ["fit", "analyze", "build_datamodule", "build_module", "build_callbacks", "recipe_to_yaml", "method_of"]
+__all__ = [
+    "fit",
+    "ensure_analysis",
+    "budget_steps",
+    "layer_tokens_per_step",
+    "validate_run",
+    "RunPlan",
+    "analyze",
+    "build_datamodule",
+    "build_module",
+    "build_callbacks",
+    "recipe_to_yaml",
+    "method_of",
+]
 
 _CHECKPOINT_DIR = "checkpoints"
 
@@ -50,6 +74,7 @@ def build_datamodule(recipe: RecipeConfig) -> L.LightningDataModule:
         val_batch_size=d.val_batch_size,
         num_workers=d.num_workers,
         seed=recipe.seed,
+        skip_bad_files=d.skip_bad_files,
     )
     if recipe.task == "causal_lm":
         return TextDataModule(
@@ -60,6 +85,21 @@ def build_datamodule(recipe: RecipeConfig) -> L.LightningDataModule:
         d.source, d.image_size, d.batch_size, num_channels=d.num_channels, image_field=d.image_field,
         label_field=d.label_field, **common,
     )
+
+
+def layer_tokens_per_step(recipe: RecipeConfig, config: Any) -> int:
+    """Layer-tokens of one full-length optimizer step for a model of this (Hugging Face) config."""
+    d = recipe.data
+    tokens = d.seq_len if recipe.task == "causal_lm" else (config.image_size // config.patch_size) ** 2 + 1
+    accumulate = int(recipe.trainer.get("accumulate_grad_batches", 1) or 1)
+    return d.batch_size * tokens * count_blocks(config) * accumulate
+
+
+def budget_steps(recipe: RecipeConfig, per_step: int) -> int | None:
+    """Full-length optimizer steps in the layer-token budget (what a baseline takes), or None without one."""
+    if recipe.budget.max_layer_tokens is None:
+        return None
+    return max(1, math.ceil(recipe.budget.max_layer_tokens / per_step))
 
 
 def build_module(recipe: RecipeConfig, dm: L.LightningDataModule) -> RecipeModule:
@@ -74,7 +114,6 @@ def build_module(recipe: RecipeConfig, dm: L.LightningDataModule) -> RecipeModul
             raise RecipeError(
                 f"invalid value for 'model.config.vocab_size': smaller than the tokenizer's {dm.vocab_size}"
             )
-        per_step = d.batch_size * d.seq_len * count_blocks(model)
         cls, extra = CausalLMModule, {}
     else:
         model = build_hf_model(
@@ -85,15 +124,12 @@ def build_module(recipe: RecipeConfig, dm: L.LightningDataModule) -> RecipeModul
             image_size=d.image_size,
             num_channels=d.num_channels,
         )
-        tokens = (model.config.image_size // model.config.patch_size) ** 2 + 1
-        per_step = d.batch_size * tokens * count_blocks(model)
         cls, extra = ImageClassifierModule, {"num_labels": dm.num_labels}
-    accumulate = int(recipe.trainer.get("accumulate_grad_batches", 1) or 1)
     return cls(
         model,
         recipe.optim,
         seed=recipe.seed,
-        layer_tokens_per_step=per_step * accumulate,
+        layer_tokens_per_step=layer_tokens_per_step(recipe, model.config),
         total_layer_tokens=recipe.budget.max_layer_tokens,
         **extra,
     )
@@ -108,6 +144,24 @@ def method_of(callback: Callback) -> str | None:
     if isinstance(callback, (SeqLengthWarmup, CurriculumLearning)):
         return "curriculum"
     return None
+
+
+def _fractions_of_budget(args: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A callback's arguments with ramp lengths given as fractions in (0, 1] turned into optimizer steps:
+    ``duration`` and each curriculum metric's ``schedule_config.total_curriculum_step`` (fractions of the
+    budget's baseline steps; ``max_steps`` is only a safety cap in budgeted recipes)."""
+
+    def resolve(value: Any) -> Any:
+        return max(1, round(value * steps)) if isinstance(value, float) and 0 < value <= 1 else value
+
+    args = copy.deepcopy(args)
+    if "duration" in args:
+        args["duration"] = resolve(args["duration"])
+    for cfg in (args.get("metrics") or {}).values():
+        sc = cfg.get("schedule_config") if isinstance(cfg, dict) else None
+        if isinstance(sc, dict) and "total_curriculum_step" in sc:
+            sc["total_curriculum_step"] = resolve(sc["total_curriculum_step"])
+    return args
 
 
 def _instantiate(spec: CallbackSpec, key: str, seed: int, budget_steps: int | None = None) -> Callback:
@@ -129,56 +183,41 @@ def _import_deepspeed(path: str) -> Any:
     try:
         return import_deepspeed(path)
     except ValueError as exc:
-        raise RecipeError(f"invalid DeepSpeed config {path}: {_one_line(exc)}") from None
-
-
-def _fractions_of_budget(args: dict[str, Any], steps: int) -> dict[str, Any]:
-    """A callback's arguments with ramp lengths given as fractions in (0, 1] turned into optimizer steps:
-    ``duration`` and each curriculum metric's ``schedule_config.total_curriculum_step`` (fractions of the
-    budget's baseline steps; ``max_steps`` is only a safety cap in budgeted recipes)."""
-
-    def resolve(value: Any) -> Any:
-        return max(1, round(value * steps)) if isinstance(value, float) and 0 < value <= 1 else value
-
-    args = copy.deepcopy(args)
-    if "duration" in args:
-        args["duration"] = resolve(args["duration"])
-    for cfg in (args.get("metrics") or {}).values():
-        sc = cfg.get("schedule_config") if isinstance(cfg, dict) else None
-        if isinstance(sc, dict) and "total_curriculum_step" in sc:
-            sc["total_curriculum_step"] = resolve(sc["total_curriculum_step"])
-    return args
-
-
-def budget_steps(recipe: RecipeConfig, layer_tokens_per_step: int) -> int | None:
-    """Full-length optimizer steps in the layer-token budget (what a baseline takes), or None without one."""
-    if recipe.budget.max_layer_tokens is None:
-        return None
-    return max(1, math.ceil(recipe.budget.max_layer_tokens / layer_tokens_per_step))
+        msg = _one_line(exc)
+        raise RecipeError(f"invalid DeepSpeed config{'' if str(path) in msg else ' ' + str(path)}: {msg}") from None
 
 
 def build_callbacks(
-    recipe: RecipeConfig, deepspeed_callbacks: Iterable[Callback] = (), *, steps: int | None = None
+    recipe: RecipeConfig,
+    deepspeed_callbacks: Iterable[Callback] = (),
+    *,
+    disabled_methods: Mapping[str, str] | None = None,
+    origins: dict[int, str] | None = None,
+    steps: int | None = None,
 ) -> list[Callback]:
     """The recipe's callbacks kept for ``recipe.variant`` (those from a DeepSpeed config replace the recipe's of
     the same method).
 
-    A variant keeps the callbacks it names (by ``name``, else by method: ``curriculum``, ``random_ltd``) and
-    every callback that is neither. With a layer-token budget, a fractional ``duration`` is a fraction of
-    ``steps``, the baseline's optimizer steps at the budget (``max_steps`` is only a safety cap). A
-    ``CurriculumLearning`` without metrics is added when none is kept: it drives the step-indexed sampler that
-    makes resume exact for every variant.
+    A variant keeps the callbacks it names (by ``name``, else by method: ``curriculum``, ``random_ltd``) and every
+    callback that is neither. With ``steps`` (the baseline's optimizer steps at a layer-token budget), a
+    fractional ramp length is a fraction of it (``max_steps`` is only a safety cap). ``disabled_methods`` (method
+    -> the DeepSpeed key that is ``enabled: false``) drops the recipe's callbacks of a method the DeepSpeed config
+    switches off, with a warning. A ``CurriculumLearning`` without metrics is added when none is kept: it drives
+    the step-indexed sampler that makes resume exact for every variant. ``origins`` is filled with
+    ``id(callback) -> the recipe key`` of the recipe's callbacks (for messages).
     """
     from lightning_dataeff.callbacks import CurriculumLearning
 
     keep = set(variants_of(recipe)[recipe.variant])
-    specs = [(i, s) for i, s in enumerate(recipe.callbacks)]
     callbacks = []
-    for i, spec in specs:
+    for i, spec in enumerate(recipe.callbacks):
         cb = _instantiate(spec, f"callbacks[{i}]", recipe.seed, steps)
         tag = spec.name or method_of(cb)
-        if tag is None or tag in keep:
-            callbacks.append(cb)
+        if tag is not None and tag not in keep:
+            continue
+        callbacks.append(cb)
+        if origins is not None:
+            origins[id(cb)] = f"invalid value for 'callbacks[{i}].init_args'"
     imported = [cb for cb in deepspeed_callbacks if method_of(cb) in keep]
     methods = {method_of(cb) for cb in imported} - {None}
     for cb in callbacks:
@@ -187,7 +226,14 @@ def build_callbacks(
                 f"{type(cb).__name__} from the recipe is replaced by the DeepSpeed config's {method_of(cb)} callbacks",
                 stacklevel=2,
             )
-    callbacks = [cb for cb in callbacks if method_of(cb) not in methods] + imported
+        elif method_of(cb) in (disabled_methods or {}):
+            warnings.warn(
+                f"{type(cb).__name__} from the recipe is not used: the DeepSpeed config switches {method_of(cb)} off "
+                f"({disabled_methods[method_of(cb)]} is false)",
+                stacklevel=2,
+            )
+    off = methods | set(disabled_methods or {})
+    callbacks = [cb for cb in callbacks if method_of(cb) not in off] + imported
     if not any(isinstance(cb, CurriculumLearning) for cb in callbacks):
         callbacks.insert(0, CurriculumLearning(seed=recipe.seed))
     return callbacks
@@ -216,121 +262,117 @@ def _trainer(recipe: RecipeConfig, out: Path, callbacks: list[Callback], verbose
     kwargs: dict[str, Any] = {"num_sanity_val_steps": 0, "max_epochs": -1, "enable_progress_bar": False,
                               "enable_model_summary": verbose}
     kwargs.update(recipe.trainer)
+    fixed = dict(
+        default_root_dir=str(out), use_distributed_sampler=False, gradient_clip_val=recipe.optim.gradient_clip_val
+    )
     try:
-        return L.Trainer(
-            **kwargs,
-            callbacks=callbacks,
-            logger=_logger(recipe, out),
-            default_root_dir=str(out),
-            use_distributed_sampler=False,
-            gradient_clip_val=recipe.optim.gradient_clip_val,
-        )
+        return L.Trainer(**kwargs, callbacks=callbacks, logger=_logger(recipe, out), **fixed)
     except RecipeError:
         raise
     except Exception as exc:  # Lightning's MisconfigurationException, TypeError, ValueError
-        raise RecipeError(f"invalid value in 'trainer': {_one_line(exc)}") from None
+
+        def trial(args: dict) -> Any:  # one recipe key alone: which one does Lightning refuse?
+            quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+            return L.Trainer(**{**quiet, **args}, **fixed)
+
+        raise preflight.trainer_error(exc, recipe.trainer, trial) from None
 
 
 @dataclass
-class _Run:
-    """One recipe run, built and ready to train."""
+class RunPlan:
+    """What :func:`validate_run` checked and built: the run, ready to read its data and build its model."""
 
     recipe: RecipeConfig
     out: Path
-    dm: L.LightningDataModule
-    module: RecipeModule
-    budget: Any  # TokenBudget
-    csv: MetricsCSV
     trainer: L.Trainer
-
-    @property
-    def last_ckpt(self) -> Path:
-        return self.out / _CHECKPOINT_DIR / "last.ckpt"
-
-
-def _check_end(recipe: RecipeConfig) -> None:
-    ends = [recipe.budget.max_layer_tokens, recipe.budget.max_tokens, recipe.trainer.get("max_steps", -1),
-            recipe.trainer.get("max_epochs", -1)]
-    if all(v in (None, -1) for v in ends):
-        raise RecipeError(
-            "the run has no end: set budget.max_layer_tokens, budget.max_tokens, trainer.max_steps or "
-            "trainer.max_epochs"
-        )
+    budget: Any  # TokenBudget
+    metrics: MetricsCSV
+    model_config: Any | None  # None: a pretrained model not in the local cache, checked once loaded
+    origins: dict[int, str]
+    ckpt_path: str | None = None
+    rank_zero: bool = True
 
 
-def _build(recipe: RecipeConfig, deepspeed_config: str | None, extra_callbacks: Iterable[Callback], label: str,
-           verbose: bool) -> _Run:
-    """Data, model, callbacks and Trainer of a run (nothing trains yet)."""
+def validate_run(
+    recipe: RecipeConfig,
+    *,
+    deepspeed_config: str | None = None,
+    extra_callbacks: Iterable[Callback] = (),
+    label: str = "",
+    verbose: bool = False,
+) -> RunPlan:
+    """The validation pass of :func:`fit`: :class:`RecipeError` (one line, naming the key) before anything heavy.
+
+    Checks the recipe (:func:`~lightning_dataeff.recipes.config.validate`, also for one built in Python), that the
+    run ends, ``output_dir`` (usable; not another live run's; no earlier run's outputs unless
+    ``resume=true``), the DeepSpeed config, the callbacks (their constructors, then against the model they will
+    patch), the model config against the data (a config object, no weights), the data source's layout, the
+    Trainer (built here, so Lightning's own checks run) and, with ``resume=true``, the checkpoint to resume from
+    (the newest intact one). Nothing is written. ``label`` heads the run's progress bar.
+    """
     from lightning_dataeff.callbacks import TokenBudget
     from lightning_dataeff.recipes.console import RunProgress
 
+    validate(recipe)  # a recipe built in Python has not been through load_recipe's checks
+    preflight.check_run_end(recipe)
+    rank_zero = rank_zero_only.rank == 0  # other ranks of a launched DDP run share rank 0's output_dir
+    out = check_output_dir(recipe.output_dir, resume=recipe.resume) if rank_zero else Path(recipe.output_dir)
     ds_path = deepspeed_config or recipe.from_deepspeed
     imported = _import_deepspeed(ds_path) if ds_path else None
     if imported is not None and imported.layer_token_lr_schedule:
         recipe = copy.deepcopy(recipe)
         recipe.optim.schedule = "layer_tokens"
-    L.seed_everything(recipe.seed, workers=True, verbose=False)
-    dm = build_datamodule(recipe)
-    dm.setup("fit")
-    module = build_module(recipe, dm)
-    steps = budget_steps(recipe, module.layer_tokens_per_step)
-    callbacks = build_callbacks(recipe, imported.callbacks if imported else (), steps=steps)
-    budget = TokenBudget(max_layer_tokens=recipe.budget.max_layer_tokens, max_tokens=recipe.budget.max_tokens,
-                         num_layers=count_blocks(module.model))
-    out = Path(recipe.output_dir)
-    csv_cb = MetricsCSV(out / "metrics.csv", module.val_metric_name)
-    checkpoint = ModelCheckpoint(dirpath=str(out / _CHECKPOINT_DIR), filename="step{step}",
-                                 auto_insert_metric_name=False, every_n_train_steps=recipe.checkpoint_every_n_steps,
-                                 save_top_k=1, save_last=True)
-    callbacks = [*callbacks, budget, csv_cb, checkpoint, *extra_callbacks]
+    origins: dict[int, str] = {}
+    cfg = preflight.model_config(recipe)
+    per_step = layer_tokens_per_step(recipe, cfg) if cfg is not None else None
+    callbacks = build_callbacks(
+        recipe,
+        imported.callbacks if imported else (),
+        disabled_methods=imported.disabled_methods if imported else None,
+        origins=origins,
+        steps=budget_steps(recipe, per_step) if per_step else None,
+    )
+    for cb in imported.callbacks if imported else ():
+        section = preflight.DEEPSPEED_SECTIONS.get(type(cb).__name__, type(cb).__name__)
+        origins[id(cb)] = f"invalid DeepSpeed config {ds_path}, {section}"
+    if cfg is not None:
+        preflight.check_callbacks(recipe, callbacks, cfg, origins)
+    preflight.check_data_source(recipe)
+    budget = TokenBudget(
+        max_layer_tokens=recipe.budget.max_layer_tokens,
+        max_tokens=recipe.budget.max_tokens,
+        num_layers=count_blocks(cfg) if cfg is not None else None,
+    )
+    val_metric = (CausalLMModule if recipe.task == "causal_lm" else ImageClassifierModule).val_metric_name
+    csv_cb = MetricsCSV(out / "metrics.csv", val_metric)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(out / _CHECKPOINT_DIR),
+        filename="step{step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=recipe.checkpoint_every_n_steps,
+        save_top_k=1,
+        save_last=True,
+    )
+    # The divergence check runs first in on_before_optimizer_step: nothing else sees a non-finite step.
+    all_callbacks = [StopOnNonFiniteLoss(), *callbacks, budget, csv_cb, checkpoint, *extra_callbacks]
     if "enable_progress_bar" not in recipe.trainer:  # the recipe's own bar, unless the recipe chose
-        callbacks.append(RunProgress(label or recipe.name, recipe.budget.max_layer_tokens,
-                                     module.layer_tokens_per_step, budget))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(recipe_to_yaml(recipe))
-    return _Run(recipe, out, dm, module, budget, csv_cb, _trainer(recipe, out, callbacks, verbose))
-
-
-def _train(run: _Run) -> None:
-    """Fit (from ``last.ckpt`` with ``resume``), keep the final weights, validate at the final step."""
+        all_callbacks.append(RunProgress(label or recipe.name, recipe.budget.max_layer_tokens if per_step else None,
+                                         per_step or 1, budget))
+    trainer = _trainer(recipe, out, all_callbacks, verbose)
     ckpt_path = None
-    if run.recipe.resume:
-        if run.last_ckpt.is_file():
-            ckpt_path = str(run.last_ckpt)
-        else:
-            warnings.warn(f"resume=true but {run.last_ckpt} does not exist: starting from scratch", stacklevel=3)
-    trainer = run.trainer
-    trainer.fit(run.module, datamodule=run.dm, ckpt_path=ckpt_path)
-    if not trainer.interrupted and trainer.global_step % run.recipe.checkpoint_every_n_steps:
-        trainer.save_checkpoint(str(run.last_ckpt))  # the final weights, also when the budget stopped between
-    val_steps = [r for r in run.csv.rows if r["split"] == "val"]
-    if not val_steps or int(val_steps[-1]["step"]) != trainer.global_step:
-        trainer.validate(run.module, datamodule=run.dm, verbose=False)
-
-
-def _summarize(run: _Run) -> dict[str, Any]:
-    """``summary.json`` of a finished run (written by global rank 0)."""
-    from lightning_dataeff.recipes.console import stop_reason
-
-    r = run.recipe
-    summary = {
-        "recipe": r.name,
-        "variant": r.variant,
-        "seed": r.seed,
-        "task": r.task,
-        **run.csv.summary(),
-        "budget": {"max_layer_tokens": r.budget.max_layer_tokens, "max_tokens": r.budget.max_tokens},
-        "stopped_by_budget": run.budget.reached,
-        "stop_reason": stop_reason(run.trainer, run.budget),
-        "train_samples": len(run.dm.train_set),
-        "samples_drawn": run.trainer.global_step * r.data.batch_size * int(r.trainer.get("accumulate_grad_batches")
-                                                                            or 1),
-        "lr": r.optim.lr,
-        "batch_size": r.data.batch_size,
-    }
-    if run.trainer.is_global_zero:
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    if recipe.resume:
+        changed = preflight.resume_changes(out, recipe) if rank_zero else []
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            warnings.warn(f"resume=true: the recipe differs from {out / 'config.yaml'} in {shown}; the run continues "
+                          "with the new values", stacklevel=2)
+        found = choose_checkpoint(out)
+        if found is None:
+            warnings.warn(f"resume=true but {out / _CHECKPOINT_DIR} holds no checkpoint: starting from scratch",
+                          stacklevel=2)
+        ckpt_path = None if found is None else str(found)
+    return RunPlan(recipe, out, trainer, budget, csv_cb, cfg, origins, ckpt_path, rank_zero)
 
 
 def fit(
@@ -345,17 +387,72 @@ def fit(
 
     Writes to ``recipe.output_dir``: ``config.yaml``, ``metrics.csv``, ``checkpoints/`` (every
     ``checkpoint_every_n_steps`` steps and ``last.ckpt``), logs and ``summary.json``. With
-    ``recipe.resume`` it continues from ``checkpoints/last.ckpt``. ``label`` heads the progress bar;
-    ``verbose`` lets framework messages (Lightning's tips, model summary, known deprecations) through.
+    ``recipe.resume`` it continues from the newest intact checkpoint (``checkpoints/last.ckpt``, or the step
+    checkpoint beside it when that one is corrupt). Everything that can be checked before the run is checked first
+    (:func:`validate_run`). A NaN or infinite training loss stops the run before that step updates the weights;
+    the summary then has ``"diverged": true`` and the step. A schedule-based curriculum whose analysis is missing
+    gets it first (:func:`ensure_analysis`). ``label`` heads the progress bar; ``verbose`` lets framework messages
+    (Lightning's tips, model summary, known deprecations) through.
     """
     from lightning_dataeff.recipes.console import quiet
 
-    _check_end(recipe)
     ensure_analysis(recipe, [recipe.variant])
     with quiet(verbose):
-        run = _build(recipe, deepspeed_config, extra_callbacks, label, verbose)
-        _train(run)
-        return _summarize(run)
+        plan = validate_run(recipe, deepspeed_config=deepspeed_config, extra_callbacks=extra_callbacks, label=label,
+                            verbose=verbose)
+        if not plan.rank_zero:
+            return _train(plan)
+        with RunLock(plan.out):
+            return _train(plan)
+
+
+def _train(plan: RunPlan) -> dict[str, Any]:
+    """Read the data, build the model, train, write the summary (the run after :func:`validate_run`)."""
+    from lightning_dataeff.recipes.console import stop_reason
+
+    recipe, out, trainer = plan.recipe, plan.out, plan.trainer
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    dm = build_datamodule(recipe)
+    dm.setup("fit")
+    module = build_module(recipe, dm)
+    if plan.model_config is None:  # a pretrained model whose config was not cached: its checks run now
+        check_model_config(recipe.task, module.model.config, recipe.data)
+        preflight.check_callbacks(recipe, list(trainer.callbacks), module.model.config, plan.origins)
+    if plan.rank_zero:
+        (out / "config.yaml").write_text(recipe_to_yaml(recipe))
+    diverged: TrainingDiverged | None = None
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=plan.ckpt_path)
+    except TrainingDiverged as exc:
+        diverged = exc
+    if diverged is None:
+        if not trainer.interrupted and trainer.global_step % recipe.checkpoint_every_n_steps:
+            # the final weights, also when the budget stopped between intervals
+            trainer.save_checkpoint(str(out / _CHECKPOINT_DIR / "last.ckpt"))
+        val_steps = [r for r in plan.metrics.rows if r["split"] == "val"]
+        if not val_steps or int(val_steps[-1]["step"]) != trainer.global_step:
+            trainer.validate(module, datamodule=dm, verbose=False)
+    summary = {
+        "recipe": recipe.name,
+        "variant": recipe.variant,
+        "seed": recipe.seed,
+        "task": recipe.task,
+        **plan.metrics.summary(),
+        "budget": {"max_layer_tokens": recipe.budget.max_layer_tokens, "max_tokens": recipe.budget.max_tokens},
+        "stopped_by_budget": plan.budget.reached,
+        "stop_reason": stop_reason(trainer, plan.budget) if diverged is None else f"diverged at step {diverged.step}",
+        "diverged": diverged is not None,
+        "train_samples": len(dm.train_set),
+        "samples_drawn": trainer.global_step * recipe.data.batch_size * int(trainer.accumulate_grad_batches),
+        "lr": recipe.optim.lr,
+        "batch_size": recipe.data.batch_size,
+    }
+    if diverged is not None:
+        summary["diverged_at_step"] = diverged.step
+        summary["diverged_loss"] = str(diverged.loss)  # "nan" / "inf": JSON has no such numbers
+    if trainer.is_global_zero:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def ensure_analysis(recipe: RecipeConfig, variants: Iterable[str]) -> None:
@@ -389,9 +486,12 @@ def analyze(recipe: RecipeConfig, *, output_dir: str | None = None) -> Any:
         if issubclass(import_class(spec.class_path, f"callbacks[{i}].class_path"), CurriculumLearning):
             metrics.extend((spec.init_args.get("metrics") or {}).keys())
             analysis_dir = analysis_dir or spec.init_args.get("analysis_dir")
-    analysis_dir = analysis_dir or str(Path(recipe.output_dir) / "analysis")
     if recipe.task != "causal_lm":
         raise RecipeError("analyze: the curriculum analyzer measures token sequences; 'task' must be causal_lm")
+    key = "output_dir" if analysis_dir is None else "analysis_dir"
+    analysis_dir = analysis_dir or str(Path(recipe.output_dir) / "analysis")
+    check_writable_dir(analysis_dir, key)
+    preflight.check_data_source(recipe)
     dataset = build_datamodule(recipe).analysis_dataset()
     return run_analyzer(
         dataset,
