@@ -219,7 +219,7 @@ CASES: list[BadInput] = [
              ("'compare.variants'",)),
     BadInput("compare-no-budgets", "structure", ("compare.budgets=[]",), ("'compare.budgets'",)),
     BadInput("compare-zero-budget", "value", ("compare.budgets=[0,1]",), ("'compare.budgets[0]'",)),
-    BadInput("variants-unknown-callback", "value", ("variants.magic=[nothing]", "variant=magic"),
+    BadInput("variants-unknown-callback", "value", ("variants.magic=[nothing]",),
              ("'variants.magic[0]'",)),
     BadInput("compare-unknown-variant", "structure", ("compare.variants=[baseline,magic]",),
              ("'compare.variants[1]'",)),

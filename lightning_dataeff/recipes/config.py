@@ -367,6 +367,12 @@ def validate(r: RecipeConfig, base_dir: Path | None = None) -> None:
     _check(0 <= r.seed and r.seed + max(r.compare.seeds, 1) - 1 <= MAX_SEED, "seed",
            f"must be in [0, {MAX_SEED}] (with compare.seeds, seed + seeds - 1 too): numpy and torch take 32-bit seeds")
     variants = variants_of(r)
+    if r.variants:  # a recipe's own variants may only name its callbacks (the defaults name methods)
+        names = {s.name for s in r.callbacks if s.name} | {"curriculum", "random_ltd"}
+        for v, kept in r.variants.items():
+            for i, name in enumerate(kept):
+                _check(name in names, f"variants.{v}[{i}]", f"{name!r} names no callback (callbacks' name: "
+                       f"{', '.join(sorted(names))})")
     _check_choice(r.variant, "variant", list(variants))
     _check_choice(r.logger, "logger", LOGGERS)
     _check(r.checkpoint_every_n_steps >= 1, "checkpoint_every_n_steps", "must be >= 1")
@@ -399,12 +405,6 @@ def validate(r: RecipeConfig, base_dir: Path | None = None) -> None:
     _validate_trainer(r.trainer)
     for i, spec in enumerate(r.callbacks):
         _validate_callback(spec, f"callbacks[{i}]")
-    if r.variants:  # a recipe's own variants may only name its callbacks (the defaults name methods)
-        names = {s.name for s in r.callbacks if s.name} | {"curriculum", "random_ltd"}
-        for v, kept in r.variants.items():
-            for i, name in enumerate(kept):
-                _check(name in names, f"variants.{v}[{i}]", f"{name!r} names no callback (callbacks' name: "
-                       f"{', '.join(sorted(names))})")
 
 
 def validate_compare(c: CompareConfig, variants: Dict[str, List[str]]) -> None:
