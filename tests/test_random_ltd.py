@@ -18,21 +18,8 @@ from lightning_dataeff.random_ltd import (
     remove_random_ltd,
 )
 
-transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    ViTConfig,
-    ViTModel,
-)
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-hf_logging.set_verbosity_error()
-V, S, H = 32, 8, 16
+pytest.importorskip("transformers")
+from tiny_models import H, S, TorchEncoder, V, bert, gpt2, llama, vit  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -42,46 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def gpt2(attn="sdpa"):
-    cfg = GPT2Config(n_layer=4, n_embd=H, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg)
-
-
-def llama(attn="sdpa"):
-    cfg = LlamaConfig(num_hidden_layers=4, hidden_size=H, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=32, vocab_size=V, max_position_embeddings=32, attn_implementation=attn,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg)
-
-
-def bert(attn="sdpa"):
-    cfg = BertConfig(num_hidden_layers=4, hidden_size=H, num_attention_heads=2, intermediate_size=32, vocab_size=V,
-                     max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     attn_implementation=attn)
-    return BertModel(cfg, add_pooling_layer=False)
-
-
-def vit():
-    cfg = ViTConfig(num_hidden_layers=4, hidden_size=H, num_attention_heads=2, intermediate_size=32, image_size=8,
-                    patch_size=2, num_channels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return ViTModel(cfg, add_pooling_layer=False)
-
-
-class TorchEncoder(nn.Module):
-    def __init__(self, batch_first=True):
-        super().__init__()
-        self.batch_first = batch_first
-        layer = nn.TransformerEncoderLayer(H, 2, 32, dropout=0.0, batch_first=batch_first)
-        self.enc = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
-
-    def forward(self, x, mask=None, src_key_padding_mask=None):
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        y = self.enc(x, mask=mask, src_key_padding_mask=src_key_padding_mask)
-        return y if self.batch_first else y.transpose(0, 1)
 
 
 def make(kind):
@@ -216,7 +163,7 @@ def _rewind(state, step=5):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_causality_while_dropping(kind, attn):
-    model = gpt2(attn) if kind == "gpt2" else llama(attn)
+    model = gpt2(attn=attn) if kind == "gpt2" else llama(attn=attn)
     state = apply_random_ltd(model, kept_tokens=4)
     model.train()
     ids = torch.randint(1, V, (2, S))
@@ -233,7 +180,7 @@ def test_causality_while_dropping(kind, attn):
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padding_isolation_and_no_nan_while_dropping(kind, attn):
-    model = {"gpt2": gpt2, "llama": llama, "bert": bert}[kind](attn)
+    model = {"gpt2": gpt2, "llama": llama, "bert": bert}[kind](attn=attn)
     state = apply_random_ltd(model, kept_tokens=2)
     model.train()
     torch.manual_seed(1)
