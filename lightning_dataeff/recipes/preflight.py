@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from lightning.pytorch.callbacks import Callback
 
+from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLengthWarmup
 from lightning_dataeff.recipes.config import RecipeConfig, RecipeError, _one_line
 from lightning_dataeff.recipes.models import (
     build_config,
@@ -37,11 +38,11 @@ __all__ = [
     "DEEPSPEED_SECTIONS",
 ]
 
-#: Where a DeepSpeed-built callback's arguments come from, for messages about them.
+#: Where a DeepSpeed-built callback's arguments come from, for messages about them (by callback class).
 DEEPSPEED_SECTIONS = {
-    "RandomLTD": "data_efficiency.data_routing.random_ltd (random_ltd_layer_id = layers, min_value = min_tokens)",
-    "CurriculumLearning": "data_efficiency.data_sampling.curriculum_learning",
-    "SeqLengthWarmup": "curriculum_learning (min_difficulty = min_len, max_difficulty = max_len)",
+    RandomLTD: "data_efficiency.data_routing.random_ltd (random_ltd_layer_id = layers, min_value = min_tokens)",
+    CurriculumLearning: "data_efficiency.data_sampling.curriculum_learning",
+    SeqLengthWarmup: "curriculum_learning (min_difficulty = min_len, max_difficulty = max_len)",
 }
 
 
@@ -80,7 +81,6 @@ def model_config(recipe: RecipeConfig) -> Any | None:
 
 
 def _seqlen_rules(cb: Callback) -> list[Any]:
-    from lightning_dataeff.callbacks import CurriculumLearning
     from lightning_dataeff.curriculum.seqlen import SEQLEN_METRICS
 
     if not isinstance(cb, CurriculumLearning):
@@ -91,7 +91,6 @@ def _seqlen_rules(cb: Callback) -> list[Any]:
 def check_callbacks(recipe: RecipeConfig, callbacks: list[Callback], cfg: Any, where: Mapping[int, str]) -> None:
     """Each callback against the model it will patch (blocks, sequence length, positions) and the task;
     ``RecipeError`` prefixed with ``where[id(callback)]`` (the recipe key or the DeepSpeed file)."""
-    from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLengthWarmup
 
     seq = model_seq_len(recipe.task, cfg, recipe.data.seq_len)
     what = "data.seq_len" if recipe.task == "causal_lm" else "the model's tokens per image (patches + CLS)"

@@ -334,7 +334,7 @@ def validate_run(
         steps=budget_steps(recipe, per_step) if per_step else None,
     )
     for cb in imported.callbacks if imported else ():
-        section = preflight.DEEPSPEED_SECTIONS.get(type(cb).__name__, type(cb).__name__)
+        section = preflight.DEEPSPEED_SECTIONS.get(type(cb), type(cb).__name__)
         origins[id(cb)] = f"invalid DeepSpeed config {ds_path}, {section}"
     if cfg is not None:
         preflight.check_callbacks(recipe, callbacks, cfg, origins)
