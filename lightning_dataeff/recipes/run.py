@@ -346,33 +346,31 @@ def validate_run(
     )
     val_metric = (CausalLMModule if recipe.task == "causal_lm" else ImageClassifierModule).val_metric_name
     csv_cb = MetricsCSV(out / "metrics.csv", val_metric)
-    checkpoint = ModelCheckpoint(
-        dirpath=str(out / _CHECKPOINT_DIR),
-        filename="step{step}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=recipe.checkpoint_every_n_steps,
-        save_top_k=1,
-        save_last=True,
-    )
+    checkpoint = ModelCheckpoint(dirpath=str(out / _CHECKPOINT_DIR), filename="step{step}",
+                                 auto_insert_metric_name=False, every_n_train_steps=recipe.checkpoint_every_n_steps,
+                                 save_top_k=1, save_last=True)
     # The divergence check runs first in on_before_optimizer_step: nothing else sees a non-finite step.
     all_callbacks = [StopOnNonFiniteLoss(), *callbacks, budget, csv_cb, checkpoint, *extra_callbacks]
     if "enable_progress_bar" not in recipe.trainer:  # the recipe's own bar, unless the recipe chose
         all_callbacks.append(RunProgress(label or recipe.name, recipe.budget.max_layer_tokens if per_step else None,
                                          per_step or 1, budget))
     trainer = _trainer(recipe, out, all_callbacks, verbose)
-    ckpt_path = None
-    if recipe.resume:
-        changed = preflight.resume_changes(out, recipe) if rank_zero else []
-        if changed:
-            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            warnings.warn(f"resume=true: the recipe differs from {out / 'config.yaml'} in {shown}; the run continues "
-                          "with the new values", stacklevel=2)
-        found = choose_checkpoint(out)
-        if found is None:
-            warnings.warn(f"resume=true but {out / _CHECKPOINT_DIR} holds no checkpoint: starting from scratch",
-                          stacklevel=2)
-        ckpt_path = None if found is None else str(found)
+    ckpt_path = _resume_checkpoint(recipe, out, rank_zero) if recipe.resume else None
     return RunPlan(recipe, out, trainer, budget, csv_cb, cfg, origins, ckpt_path, rank_zero)
+
+
+def _resume_checkpoint(recipe: RecipeConfig, out: Path, rank_zero: bool) -> str | None:
+    """The newest intact checkpoint of ``out`` (None: start from scratch), warning about recipe changes."""
+    changed = preflight.resume_changes(out, recipe) if rank_zero else []
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        warnings.warn(f"resume=true: the recipe differs from {out / 'config.yaml'} in {shown}; the run continues "
+                      "with the new values", stacklevel=3)
+    found = choose_checkpoint(out)
+    if found is None:
+        warnings.warn(f"resume=true but {out / _CHECKPOINT_DIR} holds no checkpoint: starting from scratch",
+                      stacklevel=3)
+    return None if found is None else str(found)
 
 
 def fit(
