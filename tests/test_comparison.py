@@ -11,7 +11,7 @@ import pytest
 
 from lightning_dataeff.recipes import load_recipe
 from lightning_dataeff.recipes.comparison import (
-    _aggregate,
+    aggregate,
     format_markdown_tables,
     format_terminal_table,
     iso_quality,
@@ -71,7 +71,7 @@ def test_aggregate_reports_the_best_lr_as_the_baseline_and_savings_against_it():
                  _row("both", 0.5, seed, 3.7 + shift, 5e5), _row("both", 1.0, seed, 3.3 + shift, 1e6),
                  _row("baseline steps of both", 1.0, seed, 3.45 + shift, 1e6, role="step_matched",
                       variant="baseline", matches="both")]
-    agg = _aggregate(rows, [0.5, 1.0], "baseline")
+    agg = aggregate(rows, [0.5, 1.0], "baseline")
     assert agg["baseline"] == "baseline lr x2"  # the tuned baseline, not the recipe's lr
     both = next(g for g in agg["groups"] if g["label"] == "both" and g["budget"] == 1.0)
     assert both["delta"][0] == pytest.approx(-0.2)  # against the tuned baseline, paired by seed

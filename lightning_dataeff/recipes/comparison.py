@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 from lightning_dataeff.recipes.config import RecipeConfig, RecipeError, validate_compare, variants_of
 
-__all__ = ["compare", "plan_runs", "RunSpec", "mean_ci", "iso_quality", "format_terminal_table"]
+__all__ = ["compare", "plan_runs", "RunSpec", "aggregate", "mean_ci", "iso_quality", "format_markdown_tables",
+           "format_terminal_table"]
 
 # Student t quantiles t(0.975, df) for df = 1..30; 1.96 beyond.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -193,7 +194,7 @@ def _row(spec: RunSpec, summary: dict[str, Any], run: RecipeConfig) -> dict[str,
 # -------------------------------------------------------------------------------------------------- reporting
 
 
-def _aggregate(rows: list[dict[str, Any]], budgets: Sequence[float], base: str) -> dict[str, Any]:
+def aggregate(rows: list[dict[str, Any]], budgets: Sequence[float], base: str) -> dict[str, Any]:
     """Per-(label, budget) statistics, paired deltas, the reported baseline and the iso-quality savings."""
     top = max(budgets)
     labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -444,7 +445,7 @@ def compare(
     total = len(specs) + len(recipe.compare.step_matched) * seeds * (recipe.compare.baseline in variants)
     rows = _execute(recipe, specs, 0, total, verbose)
     rows += _execute(recipe, _step_matched(recipe, rows, seeds, max(budgets)), len(specs), total, verbose)
-    agg = _aggregate(rows, sorted(budgets), recipe.compare.baseline)
+    agg = aggregate(rows, sorted(budgets), recipe.compare.baseline)
     paths = _write(recipe, rows, agg, report_dir, command, seeds)
     table = format_terminal_table(agg)
     print(table, flush=True)
