@@ -112,11 +112,15 @@ def test_model_without_blocks_names_register_block():
         fit(Plain(), [TokenBudget(max_tokens=5)])
 
 
-def test_reached_and_stop_reason():
+def test_reached_and_stop_reason_said_once(caplog):
     budget = TokenBudget(max_layer_tokens=3 * B * S * L)
     assert not budget.reached and budget.stop_reason is None
-    fit(LM(), [budget])
+    with caplog.at_level("INFO"):
+        fit(LM(), [budget])
     assert budget.reached and budget.stop_reason == "max_layer_tokens"
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TokenBudget:")]
+    assert said == [f"TokenBudget: the max_layer_tokens budget ({3 * B * S * L:,}) is reached at step 3: training "
+                    "stops after this step"]
 
 
 class _FakeStrategy:

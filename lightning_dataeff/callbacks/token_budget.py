@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_dataeff._validation import check_int
 from lightning_dataeff.callbacks._surgery import blocks_built_later
@@ -121,8 +122,11 @@ class TokenBudget(Callback):
         if trainer.world_size > 1 and not (self._every_step or log_step):
             return  # no collective: the local counts wait for the next sync
         self._sync(trainer, pl_module)
-        if self.reached:
+        if self.reached and not trainer.should_stop:
             trainer.should_stop = True
+            limit = getattr(self, self.stop_reason)
+            rank_zero_info(f"TokenBudget: the {self.stop_reason} budget ({limit:,}) is reached at step "
+                           f"{trainer.global_step + 1}: training stops after this step")
         # After should_stop: Lightning logs the step training stops at.
         pl_module.log("tokens/consumed", float(self.consumed_tokens), on_step=True, on_epoch=False)
         pl_module.log("tokens/layer_tokens", float(self.consumed_layer_tokens), on_step=True, on_epoch=False)
