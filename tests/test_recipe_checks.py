@@ -29,7 +29,7 @@ def test_valid_trainer_values_pass(key, value):
     check_trainer_value(key, value)
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "vit-tiny", "gpt2-finetune", "vit-finetune"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
 def test_shipped_recipes_pass_the_validation_pass(name, tmp_path):
     from lightning_dataeff.recipes.run import validate_run
 

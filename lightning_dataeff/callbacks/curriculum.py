@@ -54,8 +54,9 @@ class CurriculumLearning(Callback):
         self.rules = parse_metric_rules(metrics)
         if seed is not None:
             seed = check_int("seed", seed, 0)
-        if analysis_dir is not None and not os.path.isdir(analysis_dir):
-            raise ValueError(f"analysis_dir {os.fspath(analysis_dir)!r} is not a directory; run analyze() first")
+        if analysis_dir is not None and os.path.exists(analysis_dir) and not os.path.isdir(analysis_dir):
+            raise ValueError(f"analysis_dir {os.fspath(analysis_dir)!r} is a file, not an analysis directory")
+        # A missing analysis_dir is refused at setup (it may be written between construction and fit).
         self.seed = seed
         self.analysis_dir = analysis_dir
         self.sampler: CurriculumSampler | None = None

@@ -437,11 +437,14 @@ def compare(
     variants, seeds, budgets = c.variants, c.seeds, c.budgets
     if recipe.budget.max_layer_tokens is None:
         raise RecipeError("compare needs 'budget.max_layer_tokens' (the equal layer-token budget of every variant)")
-    from lightning_dataeff.recipes.run import ensure_analysis
+    from lightning_dataeff.recipes.console import quiet
+    from lightning_dataeff.recipes.run import ensure_analysis, validate_run
 
     report_dir = Path(output_dir or recipe.compare.output_dir or Path(recipe.output_dir) / "comparison")
-    ensure_analysis(recipe, variants)
     specs = plan_runs(recipe, variants, seeds, budgets)
+    with quiet(verbose):  # the first run's validation pass, before the analyzer (the one heavy step before runs)
+        validate_run(_run_recipe(recipe, specs[0]))
+    ensure_analysis(recipe, variants)
     total = len(specs) + len(recipe.compare.step_matched) * seeds * (recipe.compare.baseline in variants)
     rows = _execute(recipe, specs, 0, total, verbose)
     rows += _execute(recipe, _step_matched(recipe, rows, seeds, max(budgets)), len(specs), total, verbose)

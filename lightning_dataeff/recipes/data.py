@@ -33,6 +33,8 @@ __all__ = [
     "text_files",
 ]
 
+#: Data sources built into the package (no path, no Hub), per task.
+BUILTIN_SOURCES = {"causal_lm": ("pydoc_topics", "stdlib_source"), "image_classification": ("digits",)}
 OFFLINE_RECIPES = {"causal_lm": "recipes/gpt2-tiny.yaml", "image_classification": "recipes/vit-tiny.yaml"}
 _EOS = "<|endoftext|>"
 _SPLIT_SEED = 0  # the train/validation split never depends on the run's seed

@@ -127,7 +127,7 @@ def _check_curriculum(cb: Any, seq: int, what: str) -> None:
     if need and cb.analysis_dir is None:
         raise ValueError(f"metrics {need} are schedule_based and need their analysis: run `dataeff analyze` and "
                          "set analysis_dir (or use clustering_type single_cluster)")
-    if need:
+    if need and Path(cb.analysis_dir).exists():  # a missing analysis is written before training (ensure_analysis)
         from lightning_dataeff.curriculum import load_analysis
 
         load_analysis(cb.analysis_dir, metrics=need)
@@ -135,7 +135,7 @@ def _check_curriculum(cb: Any, seq: int, what: str) -> None:
 
 def check_data_source(recipe: RecipeConfig) -> None:
     """A local data source exists and has the right layout (listed, not read); the tokenizer cache is writable."""
-    from lightning_dataeff.recipes.data import cache_root, image_files, text_files
+    from lightning_dataeff.recipes.data import BUILTIN_SOURCES, cache_root, image_files, text_files
     from lightning_dataeff.recipes.rundir import check_writable_dir
 
     if recipe.task == "causal_lm" and recipe.data.tokenizer == "bpe":  # the trained tokenizer is cached there
@@ -146,9 +146,11 @@ def check_data_source(recipe: RecipeConfig) -> None:
         if not source[len("hf:"):].partition(":")[0]:
             raise RecipeError("invalid value for 'data.source': expected hf:<dataset>[:<config>]")
         return
-    if recipe.task == "causal_lm" and source != "pydoc_topics":
+    if source in BUILTIN_SOURCES[recipe.task]:
+        return
+    if recipe.task == "causal_lm":
         text_files(source)
-    elif recipe.task == "image_classification" and source != "digits":
+    else:
         image_files(source)
 
 

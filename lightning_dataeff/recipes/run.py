@@ -389,18 +389,18 @@ def fit(
     checkpoint beside it when that one is corrupt). Everything that can be checked before the run is checked first
     (:func:`validate_run`). A NaN or infinite training loss stops the run before that step updates the weights;
     the summary then has ``"diverged": true`` and the step. A schedule-based curriculum whose analysis is missing
-    gets it first (:func:`ensure_analysis`). ``label`` heads the progress bar; ``verbose`` lets framework messages
-    (Lightning's tips, model summary, known deprecations) through.
+    gets it after the validation pass, before training (:func:`ensure_analysis`). ``label`` heads the progress
+    bar; ``verbose`` lets framework messages (Lightning's tips, model summary, known deprecations) through.
     """
     from lightning_dataeff.recipes.console import quiet
 
-    ensure_analysis(recipe, [recipe.variant])
     with quiet(verbose):
         plan = validate_run(recipe, deepspeed_config=deepspeed_config, extra_callbacks=extra_callbacks, label=label,
                             verbose=verbose)
         if not plan.rank_zero:
             return _train(plan)
         with RunLock(plan.out):
+            ensure_analysis(plan.recipe, [plan.recipe.variant])  # after the checks, before the data is read
             return _train(plan)
 
 
