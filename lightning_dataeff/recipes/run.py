@@ -42,7 +42,13 @@ from lightning_dataeff.recipes.models import (
     check_model_config,
     count_blocks,
 )
-from lightning_dataeff.recipes.rundir import RunLock, check_output_dir, check_writable_dir, choose_checkpoint
+from lightning_dataeff.recipes.rundir import (
+    RUN_OUTPUTS,
+    RunLock,
+    check_output_dir,
+    check_writable_dir,
+    choose_checkpoint,
+)
 
 __all__ = [
     "fit",
@@ -367,7 +373,7 @@ def _resume_checkpoint(recipe: RecipeConfig, out: Path, rank_zero: bool) -> str 
         warnings.warn(f"resume=true: the recipe differs from {out / 'config.yaml'} in {shown}; the run continues "
                       "with the new values", stacklevel=3)
     found = choose_checkpoint(out)
-    if found is None:
+    if found is None and any((out / name).exists() for name in RUN_OUTPUTS):  # a new run with resume=true: silent
         warnings.warn(f"resume=true but {out / _CHECKPOINT_DIR} holds no checkpoint: starting from scratch",
                       stacklevel=3)
     return None if found is None else str(found)
