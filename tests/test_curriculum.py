@@ -190,9 +190,17 @@ def test_fit_misconfiguration_error(data, analysis_dir, name):
         _fit_errors(data, *make(data, analysis_dir))
 
 
+def test_missing_analysis_dir_is_refused_at_setup(data, tmp_path):
+    # Accepted at construction (the recipe layer writes the analysis after its validation pass), refused at fit.
+    missing = tmp_path / "not-yet-analyzed"
+    with pytest.raises(FileNotFoundError, match="run analyze"):
+        _fit_errors(data, CurriculumLearning(METRICS, analysis_dir=missing),
+                    DataLoader(data, batch_sampler=CurriculumSampler(N, 4)))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(seed=-2), "seed"),
-    (dict(analysis_dir="/nonexistent/analysis"), "analysis_dir"),
+    (dict(analysis_dir=__file__), "analysis_dir .* is a file"),
     (dict(metrics={"seqlen": linear(4, 8, 2, difficulty_type="hard")}), "metrics.seqlen.difficulty_type"),
     (dict(metrics={"seqlen": linear(4, 8, 2, clustering_type="single_cluster", difficulty_type="percentile")}),
      "must be 'value'"),
