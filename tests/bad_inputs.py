@@ -386,6 +386,10 @@ CASES: list[BadInput] = [
              skip="sys_writable"),
     BadInput("output-dir-holds-a-run", "output_dir", (), ("'output_dir'", "resume=true"), files="earlier_run"),
     BadInput("output-dir-in-use", "output_dir", (), ("'output_dir'", "in use", "pid"), files="live_lock"),
+    BadInput("compare-report-dir-is-a-file", "output_dir", ("compare.output_dir={tmp}/file.txt",),
+             ("'compare.output_dir'", "file"), files="a_file", command="compare"),
+    BadInput("compare-output-dir-flag-is-a-file", "output_dir", ("--output-dir", "{tmp}/file.txt"),
+             ("'--output-dir'", "file"), files="a_file", command="compare"),
     BadInput("resume-all-checkpoints-corrupt", "output_dir", ("resume=true",), ("'resume'", "intact"),
              files="corrupt_checkpoints"),
     # DeepSpeed configs against the model

@@ -441,6 +441,10 @@ def compare(
     from lightning_dataeff.recipes.run import ensure_analysis, validate_run
 
     report_dir = Path(output_dir or recipe.compare.output_dir or Path(recipe.output_dir) / "comparison")
+    from lightning_dataeff.recipes.rundir import check_writable_dir
+
+    check_writable_dir(report_dir, "--output-dir" if output_dir else
+                       "compare.output_dir" if recipe.compare.output_dir else "output_dir")  # before any run
     specs = plan_runs(recipe, variants, seeds, budgets)
     with quiet(verbose):  # the first run's validation pass, before the analyzer (the one heavy step before runs)
         validate_run(_run_recipe(recipe, specs[0]))
