@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["check_int"]
+__all__ = ["check_bool", "check_int"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, *, allow_float: bool = False) -> int:
@@ -23,3 +23,10 @@ def check_int(name: str, value: Any, minimum: int | None = None, *, allow_float:
         )
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``; ``ValueError`` naming ``name`` otherwise (no truthiness)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

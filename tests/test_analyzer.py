@@ -542,6 +542,31 @@ def test_checksums_opt_out(copy):
     assert a.percentiles[100] == np.max(a.sample_to_metric)
 
 
+@pytest.mark.parametrize("checksums", [True, False])
+def test_curriculum_callback_checksums_opt_out(copy, checksums):
+    from types import SimpleNamespace
+
+    from lightning_dataeff.callbacks import CurriculumLearning
+
+    flip_header_padding(copy / "vocab_rarity" / "percentiles.npy")
+    rule = {"difficulty_type": "percentile", "clustering_type": "schedule_based", "min_difficulty": 1,
+            "max_difficulty": 100, "schedule_type": "fixed_linear",
+            "schedule_config": {"total_curriculum_step": 4, "difficulty_step": 1}}
+    cb = CurriculumLearning({"vocab_rarity": rule}, analysis_dir=copy, checksums=checksums)
+    trainer = SimpleNamespace(world_size=1, global_rank=0, accumulate_grad_batches=1, limit_train_batches=1.0,
+                              training=True)
+    try:
+        if checksums:
+            with pytest.raises(AnalysisError, match="sha256"):
+                cb.setup(trainer, None, "fit")
+        else:
+            cb.setup(trainer, None, "fit")
+            assert "vocab_rarity" in cb._plan.analysis
+    finally:
+        if cb._plan is not None:
+            cb._plan.deactivate()
+
+
 def test_damaged_analysis_recomputed_by_rerun(ds, single, copy):
     zero_data(copy / "seqlen" / "sorted_samples.npy")
     with pytest.warns(UserWarning, match="sorted_samples.npy is damaged; recomputing"):

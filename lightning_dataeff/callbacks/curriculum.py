@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lightning_dataeff._validation import check_int
+from lightning_dataeff._validation import check_bool, check_int
 from lightning_dataeff.curriculum.analysis import load_analysis
 from lightning_dataeff.curriculum.sampler import CurriculumSampler, SamplerPlan, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import SEQLEN_METRICS, set_batch_sequence_length
@@ -31,6 +31,8 @@ class CurriculumLearning(Callback):
             difficulty (truncate or reshape, see ``set_batch_sequence_length``).
         seed: overrides the sampler's seed (``None`` keeps it).
         analysis_dir: output of :func:`lightning_dataeff.curriculum.analyze` for ``schedule_based`` metrics.
+        checksums: verify each analysis file's sha256 when it is loaded (``False`` for very large analyses:
+            structure, shapes and the dataset fingerprint are still checked).
 
     Usage: ``CurriculumDataLoader(ds, batch_sampler=CurriculumSampler(len(ds), batch_size))`` (or a plain
     ``DataLoader`` with that batch sampler), this callback, and under DDP ``Trainer(use_distributed_sampler=False)``.
@@ -50,6 +52,7 @@ class CurriculumLearning(Callback):
         metrics: Mapping[str, Mapping[str, Any]] | None = None,
         seed: int | None = None,
         analysis_dir: str | os.PathLike | None = None,
+        checksums: bool = True,
     ) -> None:
         self.rules = parse_metric_rules(metrics)
         if seed is not None:
@@ -59,6 +62,7 @@ class CurriculumLearning(Callback):
         # A missing analysis_dir is refused at setup (it may be written between construction and fit).
         self.seed = seed
         self.analysis_dir = analysis_dir
+        self.checksums = check_bool("checksums", checksums)
         self.sampler: CurriculumSampler | None = None
         self.consumed = 0  # micro-batches trained (per rank; the same on every rank)
         self._restored = False
@@ -96,7 +100,9 @@ class CurriculumLearning(Callback):
         if stage != "fit":
             return
         need = [r.name for r in self.rules if r.filters]
-        analysis = load_analysis(self.analysis_dir, metrics=need) if self.analysis_dir is not None and need else None
+        analysis = None
+        if self.analysis_dir is not None and need:
+            analysis = load_analysis(self.analysis_dir, metrics=need, checksums=self.checksums)
         if self._plan is not None:
             self._plan.deactivate()
         self._plan = SamplerPlan(
@@ -129,7 +135,7 @@ class CurriculumLearning(Callback):
             )
         need = [r.name for r in self.rules if r.filters]
         if self.analysis_dir is not None and need:  # refuses an analysis of another dataset, before any step
-            load_analysis(self.analysis_dir, loader.dataset, metrics=need)
+            load_analysis(self.analysis_dir, loader.dataset, metrics=need, checksums=False)  # hashed at setup
         self.sampler = sampler
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

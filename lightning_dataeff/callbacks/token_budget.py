@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_dataeff._validation import check_int
+from lightning_dataeff._validation import check_bool, check_int
 from lightning_dataeff.callbacks._surgery import blocks_built_later
 from lightning_dataeff.callbacks.random_ltd import RandomLTD
 from lightning_dataeff.random_ltd import BlockTokenCounter, LayerTokenLRScheduler, TokenCounter, count_tokens
@@ -56,8 +56,7 @@ class TokenBudget(Callback):
         sync_every_step: bool = False,
         counter: TokenCounter | None = None,
     ) -> None:
-        if not isinstance(sync_every_step, bool):
-            raise ValueError(f"sync_every_step must be True or False, got {sync_every_step!r}")
+        check_bool("sync_every_step", sync_every_step)
         for name, value in (("max_layer_tokens", max_layer_tokens), ("max_tokens", max_tokens),
                             ("num_layers", num_layers)):
             if value is not None:
