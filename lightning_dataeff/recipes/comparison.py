@@ -181,7 +181,9 @@ def _row(spec: RunSpec, summary: dict[str, Any], run: RecipeConfig) -> dict[str,
         "steps": summary["steps"],
         "consumed_tokens": summary["consumed_tokens"],
         "consumed_layer_tokens": summary["consumed_layer_tokens"],
-        "final_val_loss": final.get("val_loss"),
+        # A diverged run's loss is left out of every mean (and counted in the seeds column), never averaged in.
+        "final_val_loss": None if summary.get("diverged") else final.get("val_loss"),
+        "diverged": bool(summary.get("diverged")),
         "best_val_loss": best.get("val_loss"),
         f"final_{metric}": final.get(f"val_{metric}"),
         "wall_time_s": summary["wall_time_s"],
@@ -232,7 +234,7 @@ def aggregate(rows: list[dict[str, Any]], budgets: Sequence[float], base: str) -
         for seed in sorted({r["seed"] for r in rows if r["label"] == lab}):
             ref = reference(top, seed)
             curve = [(r["consumed_layer_tokens"], r["final_val_loss"], r["wall_time_s"]) for r in rows
-                     if r["label"] == lab and r["seed"] == seed]
+                     if r["label"] == lab and r["seed"] == seed and r["final_val_loss"] is not None]
             if ref is None or ref["final_val_loss"] is None:
                 continue
             lt, wall, status = iso_quality(curve, ref["final_val_loss"])
@@ -276,13 +278,18 @@ def _iso_text(entry: dict[str, Any], wall: bool = False) -> str:
     return bound + text + (f" ({len(matched)}/{len(seeds)} seeds)" if len(matched) < len(seeds) else "")
 
 
+def _seeds_text(runs: list[dict[str, Any]]) -> str:
+    bad = sum(bool(r.get("diverged")) for r in runs)
+    return f"{len(runs) - bad} ({bad} diverged)" if bad else str(len(runs))
+
+
 def format_markdown_tables(agg: dict[str, Any], metric: str) -> str:
     """The full tables of comparison.md: per-(variant, budget) results, iso-quality savings."""
     lines = ["| variant | budget | seeds | steps | layer-tokens (M) | data passes | final val loss (95% CI) "
              f"| Δ vs {agg['baseline']} (paired) | final {metric} | wall time (s) |", "|" + "---|" * 10]
     for g in agg["groups"]:
         lines.append("| " + " | ".join([
-            g["label"], f"{g['budget']:g}", str(len(g["runs"])), _pm(g["steps"], 0), _pm(g["layer_tokens"], 2, 1e6),
+            g["label"], f"{g['budget']:g}", _seeds_text(g["runs"]), _pm(g["steps"], 0), _pm(g["layer_tokens"], 2, 1e6),
             _pm(g["passes"], 2), _pm(g["loss"], 4), _pm(g["delta"], 4, signed=True) if g["delta"][0] is not None
             else "—", _pm(g["metric"], 3), _pm(g["wall"], 0)]) + " |")
     lines += ["", f"| variant | layer-token saving to reach {agg['baseline']}'s final loss at budget {agg['top']:g} "
