@@ -161,3 +161,17 @@ def test_resume_with_a_changed_recipe_says_what_changed(tmp_path):
     fit(_recipe(tmp_path / "run", "trainer.max_steps=2"))
     with pytest.warns(UserWarning, match=r"differs from .*config\.yaml in optim\.lr, trainer\.max_steps; the run"):
         validate_run(_recipe(tmp_path / "run", "trainer.max_steps=4", "optim.lr=0.01", "resume=true"))
+
+
+def test_resume_changes_name_training_keys_not_the_study_plan(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lightning_dataeff.recipes.preflight import resume_changes
+
+    recipe = load_recipe(PATHS["gpt2"])
+    OmegaConf.save(OmegaConf.structured(recipe), tmp_path / "config.yaml")
+    recipe.optim.lr *= 2
+    recipe.compare.seeds += 1
+    recipe.compare.lr_sweep = []
+    recipe.resume = True
+    assert resume_changes(tmp_path, recipe) == ["optim.lr"]

@@ -175,7 +175,9 @@ def resume_changes(out: Path, recipe: RecipeConfig) -> list[str]:
     except Exception:  # noqa: BLE001 - an unreadable record of the earlier run is itself a difference
         return [f"{path.name} (unreadable)"]
     new = _flat(OmegaConf.to_container(OmegaConf.structured(recipe)))
-    return sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
+    # resume and compare.* (which runs a study makes, not how one trains) never change a run.
+    return sorted(k for k in old.keys() | new.keys()
+                  if k != "resume" and not k.startswith("compare.") and old.get(k) != new.get(k))
 
 
 @contextlib.contextmanager
