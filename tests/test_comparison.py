@@ -17,6 +17,7 @@ from lightning_dataeff.recipes.comparison import (
     iso_quality,
     mean_ci,
     plan_runs,
+    summary_row,
 )
 from lightning_dataeff.recipes.console import quiet
 
@@ -64,14 +65,11 @@ def _row(label, budget, seed, loss, lt, role="main", variant=None, matches=None)
 
 
 def test_a_diverged_run_is_left_out_of_the_means_and_counted():
-    from lightning_dataeff.recipes.comparison import _row as comparison_row
-    from lightning_dataeff.recipes.comparison import plan_runs as plan
-
     recipe = load_recipe(STUDY)
-    spec = next(s for s in plan(recipe, ["both"], 2, [0.5, 1.0]) if s.budget == 1.0 and s.seed == recipe.seed)
+    spec = next(s for s in plan_runs(recipe, ["both"], 2, [0.5, 1.0]) if s.budget == 1.0 and s.seed == recipe.seed)
     summary = {"steps": 7, "consumed_tokens": 1, "consumed_layer_tokens": 1e6, "wall_time_s": 1.0,
                "final": {"val_loss": 2.0}, "diverged": True, "stop_reason": "diverged at step 7"}
-    bad = comparison_row(spec, summary, recipe)
+    bad = summary_row(spec, summary, recipe)
     assert bad["final_val_loss"] is None and bad["diverged"]
     rows = [_row("baseline", 0.5, s, 4.0, 5e5) for s in (1, 2)] + [_row("baseline", 1.0, s, 3.6, 1e6) for s in (1, 2)]
     rows += [_row("both", 0.5, s, 3.7, 5e5) for s in (1, 2)] + [_row("both", 1.0, 1, 3.3, 1e6), {**bad, "seed": 2}]

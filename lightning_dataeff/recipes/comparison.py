@@ -34,8 +34,8 @@ from typing import Any, Sequence
 
 from lightning_dataeff.recipes.config import RecipeConfig, RecipeError, validate_compare, variants_of
 
-__all__ = ["compare", "plan_runs", "RunSpec", "aggregate", "mean_ci", "iso_quality", "format_markdown_tables",
-           "format_terminal_table"]
+__all__ = ["compare", "plan_runs", "summary_row", "RunSpec", "aggregate", "mean_ci", "iso_quality",
+           "format_markdown_tables", "format_terminal_table"]
 
 # Student t quantiles t(0.975, df) for df = 1..30; 1.96 beyond.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -166,11 +166,12 @@ def _execute(recipe: RecipeConfig, specs: list[RunSpec], done: int, total: int, 
             summary = fit(run, label=label, verbose=verbose)
             print(f"[dataeff compare] {label}: {summary['stop_reason']}, final val loss "
                   f"{summary.get('final', {}).get('val_loss', float('nan')):.4f} -> {run.output_dir}", flush=True)
-        rows.append(_row(spec, summary, run))
+        rows.append(summary_row(spec, summary, run))
     return rows
 
 
-def _row(spec: RunSpec, summary: dict[str, Any], run: RecipeConfig) -> dict[str, Any]:
+def summary_row(spec: RunSpec, summary: dict[str, Any], run: RecipeConfig) -> dict[str, Any]:
+    """One run's row of the comparison (and of ``comparison.csv``) from its ``summary.json``."""
     final, best = summary.get("final", {}), summary.get("best", {})
     metric = "perplexity" if run.task == "causal_lm" else "accuracy"
     return {
