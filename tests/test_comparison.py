@@ -119,3 +119,11 @@ def test_quiet_verbose_lets_everything_through():
         with quiet(verbose=True):
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated")
     assert len(caught) == 1
+
+
+def test_a_bound_below_zero_reads_as_at_least_nothing():
+    # One budget: a variant already below the target there gets a bound; its last step's overshoot of the budget
+    # must not print as "at least -0.4%".
+    rows = [_row("baseline", 1.0, 1, 3.6, 1e6), _row("both", 1.0, 1, 3.5, 1.004e6)]
+    table = format_terminal_table(aggregate(rows, [1.0], "baseline"))
+    assert ">= 0.0%" in table and "-0.4" not in table

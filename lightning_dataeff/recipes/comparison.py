@@ -274,8 +274,11 @@ def _iso_text(entry: dict[str, Any], wall: bool = False) -> str:
     matched = [p for p in seeds if p["status"] != "not matched"]
     if not matched:
         return "not matched"
-    text = _pm(entry["wall_saving" if wall else "saving"], 0 if wall else 1, 0.01, unit="%")
+    stat = entry["wall_saving" if wall else "saving"]
     bound = ">= " if any(p["status"] == "bound" for p in matched) else ""
+    if bound and stat[0] is not None and stat[0] < 0:  # "at least" a negative saving (a last step's overshoot)
+        stat = (0.0, None, stat[2])
+    text = _pm(stat, 0 if wall else 1, 0.01, unit="%")
     return bound + text + (f" ({len(matched)}/{len(seeds)} seeds)" if len(matched) < len(seeds) else "")
 
 
