@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from lightning_dataeff._validation import check_bool, check_int
-from lightning_dataeff.curriculum.analysis import load_analysis
+from lightning_dataeff.curriculum.analysis import check_dataset_matches, load_analysis
 from lightning_dataeff.curriculum.sampler import CurriculumSampler, SamplerPlan, parse_metric_rules
 from lightning_dataeff.curriculum.seqlen import SEQLEN_METRICS, set_batch_sequence_length
 from lightning_dataeff.deepspeed_config import CurriculumSection, curriculum_section
@@ -133,9 +133,8 @@ class CurriculumLearning(Callback):
                 f"planned {self._plan.epoch_length} (from len(sampler)={len(sampler)} and limit_train_batches="
                 f"{trainer.limit_train_batches}); overfit_batches is not supported"
             )
-        need = [r.name for r in self.rules if r.filters]
-        if self.analysis_dir is not None and need:  # refuses an analysis of another dataset, before any step
-            load_analysis(self.analysis_dir, loader.dataset, metrics=need, checksums=False)  # hashed at setup
+        if self._plan.analysis:  # loaded at setup; refuses an analysis of another dataset, before any step
+            check_dataset_matches(self._plan.analysis, loader.dataset)
         self.sampler = sampler
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

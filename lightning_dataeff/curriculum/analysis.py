@@ -25,14 +25,14 @@ import json
 import math
 import os
 import uuid
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from lightning_dataeff.curriculum.sources import dataset_fingerprint
 
-__all__ = ["MetricAnalysis", "AnalysisError", "load_analysis", "read_header", "write_metric", "save_atomic",
-           "temporary_path", "remove_temporaries", "FORMAT_VERSION", "DIFFICULTY_TYPES", "ARRAYS"]
+__all__ = ["MetricAnalysis", "AnalysisError", "load_analysis", "check_dataset_matches", "read_header", "write_metric",
+           "save_atomic", "temporary_path", "remove_temporaries", "FORMAT_VERSION", "DIFFICULTY_TYPES", "ARRAYS"]
 
 #: 2: header.json describes every array (bytes, dtype, shape, sha256).
 FORMAT_VERSION = 2
@@ -127,11 +127,12 @@ def load_analysis(
             raise ValueError(f"metric {name!r} has no finished analysis under {out!r} (found: {found})")
         result[name] = MetricAnalysis(os.path.join(out, name), checksums=checksums)
     if dataset is not None:
-        _check_dataset_matches(result, dataset, pad_token_id)
+        check_dataset_matches(result, dataset, pad_token_id)
     return result
 
 
-def _check_dataset_matches(result: dict[str, MetricAnalysis], dataset: Any, pad_token_id: Any) -> None:
+def check_dataset_matches(result: Mapping[str, MetricAnalysis], dataset: Any, pad_token_id: Any = "header") -> None:
+    """``ValueError`` unless every loaded analysis has ``dataset``'s length and fingerprint."""
     fps: dict[Any, str] = {}
     n = len(dataset)
     for a in result.values():

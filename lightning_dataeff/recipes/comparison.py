@@ -239,9 +239,11 @@ def aggregate(rows: list[dict[str, Any]], budgets: Sequence[float], base: str) -
             if ref is None or ref["final_val_loss"] is None:
                 continue
             lt, wall, status = iso_quality(curve, ref["final_val_loss"])
+            # A bound is "at least": never below zero (a last step may overshoot the budget slightly).
+            floor = 0.0 if status == "bound" else -math.inf
             per_seed.append({"seed": seed, "status": status,
-                             "saving": None if lt is None else 1 - lt / ref["consumed_layer_tokens"],
-                             "wall_saving": None if wall is None else 1 - wall / ref["wall_time_s"]})
+                             "saving": None if lt is None else max(floor, 1 - lt / ref["consumed_layer_tokens"]),
+                             "wall_saving": None if wall is None else max(floor, 1 - wall / ref["wall_time_s"])})
         iso.append({"label": lab, "seeds": per_seed, "saving": mean_ci([p["saving"] for p in per_seed]),
                     "wall_saving": mean_ci([p["wall_saving"] for p in per_seed])})
     controls = []
@@ -274,11 +276,8 @@ def _iso_text(entry: dict[str, Any], wall: bool = False) -> str:
     matched = [p for p in seeds if p["status"] != "not matched"]
     if not matched:
         return "not matched"
-    stat = entry["wall_saving" if wall else "saving"]
     bound = ">= " if any(p["status"] == "bound" for p in matched) else ""
-    if bound and stat[0] is not None and stat[0] < 0:  # "at least" a negative saving (a last step's overshoot)
-        stat = (0.0, None, stat[2])
-    text = _pm(stat, 0 if wall else 1, 0.01, unit="%")
+    text = _pm(entry["wall_saving" if wall else "saving"], 0 if wall else 1, 0.01, unit="%")
     return bound + text + (f" ({len(matched)}/{len(seeds)} seeds)" if len(matched) < len(seeds) else "")
 
 
@@ -450,10 +449,9 @@ def compare(
         raise RecipeError("compare needs 'budget.max_layer_tokens' (the equal layer-token budget of every variant)")
     from lightning_dataeff.recipes.console import quiet
     from lightning_dataeff.recipes.run import ensure_analysis, validate_run
-
-    report_dir = Path(output_dir or recipe.compare.output_dir or Path(recipe.output_dir) / "comparison")
     from lightning_dataeff.recipes.rundir import check_writable_dir
 
+    report_dir = Path(output_dir or recipe.compare.output_dir or Path(recipe.output_dir) / "comparison")
     check_writable_dir(report_dir, "--output-dir" if output_dir else
                        "compare.output_dir" if recipe.compare.output_dir else "output_dir")  # before any run
     specs = plan_runs(recipe, variants, seeds, budgets)
