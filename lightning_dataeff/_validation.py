@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
-__all__ = ["check_bool", "check_int"]
+__all__ = ["check_bool", "check_int", "check_positive"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, *, allow_float: bool = False) -> int:
@@ -29,4 +30,11 @@ def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False``; ``ValueError`` naming ``name`` otherwise (no truthiness)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` if it is a positive finite number; ``ValueError`` naming ``name`` otherwise (never ``bool``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
     return value

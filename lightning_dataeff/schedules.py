@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from lightning_dataeff._validation import check_int
+from lightning_dataeff._validation import check_int, check_positive
 
 __all__ = [
     "Schedule",
@@ -64,9 +64,7 @@ def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
 
 
 def _check_root_degree(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return value
+    return check_positive(name, value)
 
 
 def check_ramp_type(schedule_type: Any, root_degree: Any = 1, where: str = "") -> float:

@@ -9,6 +9,7 @@ import sys
 import zlib
 
 import datasets
+import lightning.pytorch as L
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -542,29 +543,51 @@ def test_checksums_opt_out(copy):
     assert a.percentiles[100] == np.max(a.sample_to_metric)
 
 
-@pytest.mark.parametrize("checksums", [True, False])
-def test_curriculum_callback_checksums_opt_out(copy, checksums):
-    from types import SimpleNamespace
+class _Recorder(L.LightningModule):
+    """Records the input_ids of each training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.batches = []
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append(batch["input_ids"])
+        return self.w * batch["input_ids"].float().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_percentile_curriculum(ds, analysis_dir, checksums):
+    from tiny_models import trainer
 
     from lightning_dataeff.callbacks import CurriculumLearning
+    from lightning_dataeff.curriculum import CurriculumDataLoader, CurriculumSampler
 
-    flip_header_padding(copy / "vocab_rarity" / "percentiles.npy")
     rule = {"difficulty_type": "percentile", "clustering_type": "schedule_based", "min_difficulty": 1,
             "max_difficulty": 100, "schedule_type": "fixed_linear",
             "schedule_config": {"total_curriculum_step": 4, "difficulty_step": 1}}
-    cb = CurriculumLearning({"vocab_rarity": rule}, analysis_dir=copy, checksums=checksums)
-    trainer = SimpleNamespace(world_size=1, global_rank=0, accumulate_grad_batches=1, limit_train_batches=1.0,
-                              training=True)
-    try:
-        if checksums:
-            with pytest.raises(AnalysisError, match="sha256"):
-                cb.setup(trainer, None, "fit")
-        else:
-            cb.setup(trainer, None, "fit")
-            assert "vocab_rarity" in cb._plan.analysis
-    finally:
-        if cb._plan is not None:
-            cb._plan.deactivate()
+    cb = CurriculumLearning({"vocab_rarity": rule}, analysis_dir=analysis_dir, checksums=checksums)
+    model = _Recorder()
+    loader = CurriculumDataLoader(ds, batch_sampler=CurriculumSampler(len(ds), 4))
+    trainer(max_steps=1, callbacks=[cb], use_distributed_sampler=False).fit(model, loader)
+    return model.batches
+
+
+def test_curriculum_callback_refuses_a_damaged_analysis(ds, copy):
+    flip_header_padding(copy / "vocab_rarity" / "percentiles.npy")
+    with pytest.raises(AnalysisError, match="sha256"):
+        _fit_percentile_curriculum(ds, copy, checksums=True)
+
+
+def test_curriculum_callback_checksums_opt_out(ds, copy):
+    flip_header_padding(copy / "vocab_rarity" / "percentiles.npy")
+    (batch,) = _fit_percentile_curriculum(ds, copy, checksums=False)
+    values = load_analysis(copy, metrics=["vocab_rarity"], checksums=False)["vocab_rarity"].sample_to_metric
+    easiest = np.lexsort((np.arange(len(ds)), np.asarray(values)))[: -(-len(ds) // 100)]  # percentile 1
+    admitted = {tuple(ds[int(i)]["input_ids"].tolist()) for i in easiest}
+    assert len(batch) == 4 and all(tuple(row.tolist()) in admitted for row in batch)
 
 
 def test_damaged_analysis_recomputed_by_rerun(ds, single, copy):
@@ -610,6 +633,31 @@ def test_torchrun_without_shared_filesystem_refused(tmp_path):
     assert proc.returncode != 0
     assert "is not shared by all ranks" in reports[0]["error"]
     assert "rank 0 failed" in reports[1]["error"] and "is not shared by all ranks" in reports[1]["error"]
+
+
+def prepare_data_fit(out, mode):
+    script = os.path.join(os.path.dirname(__file__), "scripts", "analyze_prepare_data.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, str(out),
+           mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
+    return proc, json.load(open(out / "rank0.json"))
+
+
+@pytest.mark.slow
+def test_torchrun_prepare_data_fails_within_join_timeout(tmp_path):
+    proc, report = prepare_data_fit(tmp_path, "auto")
+    assert proc.returncode != 0
+    assert "waited 5 s (join_timeout) for all 2 ranks" in report["error"]
+    assert "pass distributed=False" in report["error"]
+
+
+@pytest.mark.slow
+def test_torchrun_prepare_data_with_distributed_false_fits(tmp_path):
+    proc, report = prepare_data_fit(tmp_path, "local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report == {"samples": 32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,6 +733,8 @@ def test_progress_says_where_the_outputs_are(tmp_path, capsys):
         (dict(metrics=["vocab_rarity"], vocab_counts=[1, 1]), "outside vocab_counts"),
         (dict(distributed="yes"), "distributed must be"),
         (dict(distributed=True), "distributed=True needs"),
+        (dict(join_timeout=0), "join_timeout must be a positive number"),
+        (dict(join_timeout=True), "join_timeout must be a positive number"),
     ],
 )
 def test_bad_arguments(kwargs, match, tmp_path):

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from lightning_dataeff._validation import check_int
+from lightning_dataeff._validation import check_int, check_positive
 from lightning_dataeff.curriculum.analysis import (
     FORMAT_VERSION,
     AnalysisError,
@@ -142,6 +142,7 @@ def analyze(
     shard_id: int | None = None,
     num_shards: int | None = None,
     distributed: bool | None = None,
+    join_timeout: float = 600.0,
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, MetricAnalysis] | None:
@@ -169,6 +170,8 @@ def analyze(
             ``WORLD_SIZE``, every rank analyzes its shard and rank 0 merges; every rank must call
             ``analyze`` and ``output_dir`` must be on a filesystem all ranks share. ``False``: this process
             alone does everything; ``True``: require a distributed run.
+        join_timeout: seconds rank 0 waits for every rank to reach ``analyze`` in a distributed run before
+            it fails naming the cause (e.g. a call from ``prepare_data``, which only one rank per node runs).
         progress: a progress bar per phase, and where the outputs are at the end (stderr).
         overwrite: recompute even if a complete analysis with the same settings exists.
 
@@ -181,11 +184,12 @@ def analyze(
     chunk_size = check_int("chunk_size", chunk_size, 1)
     sharded = _check_shards(shard_id, num_shards, overwrite)
     world = _world(distributed, sharded)
+    join_timeout = check_positive("join_timeout", join_timeout)
     workers = _check_workers(num_workers, world is not None)
     counts = _check_vocab_counts(vocab_counts)
     job = _new_job(dataset, specs, os.fspath(output_dir), chunk_size, pad_token_id, counts)
     if world is not None:
-        return _analyze_rank(job, counts, workers, overwrite, progress, *world)
+        return _analyze_rank(job, counts, workers, overwrite, progress, *world, join_timeout=join_timeout)
     if not sharded and not overwrite and (done := _reuse(job)) is not None:
         return done
     _start(job, counts, overwrite)
@@ -475,17 +479,33 @@ def _gather_columns(job: _Job) -> dict[str, np.ndarray]:
 
 
 class _Ranks:
-    """A gloo group for the analysis (the default one, created here if needed) and its steps."""
+    """A gloo group for the analysis and its steps.
 
-    def __init__(self, rank: int, world: int) -> None:
+    Joining is bounded by ``join_timeout``: the default group (created here from torchrun's environment if
+    none exists) or a short-lived gloo group must connect every rank within it. Only then is the
+    analysis group created, whose collectives wait up to :data:`_RANK_TIMEOUT` for the slowest rank's pass.
+    """
+
+    def __init__(self, rank: int, world: int, join_timeout: float) -> None:
         self.rank, self.world = rank, world
         self.dist = _dist()
         self.created = not self.dist.is_initialized()
-        if self.created:  # torchrun's env:// rendezvous
-            self.dist.init_process_group("gloo", timeout=_RANK_TIMEOUT)
-            self.group = None
-        else:  # e.g. NCCL set up by the training script: a CPU group of our own
-            self.group = self.dist.new_group(backend="gloo", timeout=_RANK_TIMEOUT)
+        timeout = timedelta(seconds=join_timeout)
+        try:
+            if self.created:  # torchrun's env:// rendezvous
+                self.dist.init_process_group("gloo", timeout=timeout)
+            else:  # e.g. NCCL set up by the training script: a gloo handshake of its own
+                hello = self.dist.new_group(backend="gloo", timeout=timeout)
+                self.dist.monitored_barrier(hello, timeout=timeout)
+                self.dist.destroy_process_group(hello)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"analyze: rank {rank} waited {join_timeout:g} s (join_timeout) for all {world} ranks to call "
+                f"analyze ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). In a distributed run "
+                "every rank must call it; from a LightningDataModule's prepare_data, which only one rank per node "
+                "runs, pass distributed=False (or call analyze in setup)"
+            ) from None
+        self.group = self.dist.new_group(backend="gloo", timeout=_RANK_TIMEOUT)
 
     def step(self, fn: Callable[[], Any], on: int | None = None) -> Any:
         """Run ``fn`` on rank ``on`` (every rank if None), then wait for all; returns rank ``on``'s result.
@@ -510,16 +530,15 @@ class _Ranks:
         return report[on][1] if on is not None else None
 
     def close(self) -> None:
+        self.dist.destroy_process_group(self.group)
         if self.created:
             self.dist.destroy_process_group()
-        elif self.group is not None:
-            self.dist.destroy_process_group(self.group)
 
 
 def _analyze_rank(job: _Job, counts: np.ndarray | None, workers: int, overwrite: bool, progress: bool,
-                  rank: int, world: int) -> dict[str, MetricAnalysis]:
+                  rank: int, world: int, *, join_timeout: float) -> dict[str, MetricAnalysis]:
     """One rank of a distributed analysis (every rank calls it; see the module docstring)."""
-    ranks = _Ranks(rank, world)
+    ranks = _Ranks(rank, world, join_timeout)
     show = progress and rank == 0
     try:
         if not ranks.step(lambda: not overwrite and _reuse(job) is not None, on=0):
