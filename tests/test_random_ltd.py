@@ -248,14 +248,6 @@ def test_keep_positions_default_protects_cls_of_encoders(kind, default):
     assert apply_random_ltd(model, kept_tokens=3, keep_positions=[2]).keep_positions == (2,)
 
 
-def test_keep_positions_defaults_of_registered_vision_blocks():
-    from lightning_dataeff.random_ltd.blocks import _BY_PATH
-
-    assert _BY_PATH["transformers.models.deit.modeling_deit.DeiTLayer"].keep_positions == (0, 1)  # CLS + distillation
-    assert _BY_PATH["transformers.models.dinov2.modeling_dinov2.Dinov2Layer"].keep_positions == (0,)
-    assert _BY_PATH["transformers.models.roberta.modeling_roberta.RobertaLayer"].keep_positions == (0,)
-
-
 def test_fast_argument_binding_matches_inspect():
     from lightning_dataeff.random_ltd.apply import _bind, _call, _flatten, _spec
 

@@ -487,6 +487,19 @@ def test_eval_equals_unpatched_model_and_state_dict_keys_unchanged(name):
         assert torch.equal(main_output(model(**inputs)), main_output(ref(**inputs)))
 
 
+#: Positions never dropped by default: the CLS token of encoders (DeiT: CLS and distillation), CLIP text's start
+#: token, and nothing for decoders and discovered blocks.
+DEFAULT_KEEP = {"bert": (0,), "roberta": (0,), "electra": (0,), "distilbert": (0,), "albert": (0,), "vit": (0,),
+                "deit": (0, 1), "dinov2": (0,), "clip_text": (0,), "clip_vision": (0,), "timm": (0,)}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_default_keep_positions(name):
+    model = model_of(name)
+    state = apply_random_ltd(model, kept_tokens=3, layers=[FAMILIES[name].target])
+    assert state.keep_positions == DEFAULT_KEEP.get(name, ())
+
+
 @pytest.mark.parametrize("name", DECODERS)
 def test_causal_while_dropping(name):
     model = model_of(name)

@@ -34,7 +34,7 @@ def test_shipped_recipes_pass_the_validation_pass(name, tmp_path):
     from lightning_dataeff.recipes.run import validate_run
 
     overrides = [f"output_dir={tmp_path / 'run'}", *QUIET]
-    if "finetune" in name:  # the Hub recipes on this CPU machine (their model config is checked once loaded)
+    if "finetune" in name:  # the Hub recipes on this CPU machine (their model configs are in conftest's Hub cache)
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     plan = validate_run(load_recipe(ROOT / "recipes" / f"{name}.yaml", overrides))
     assert plan.trainer.max_steps != 0 and not (tmp_path / "run").exists()

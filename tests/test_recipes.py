@@ -102,12 +102,45 @@ def test_unreachable_hub_dataset_names_the_offline_recipe(recipe, offline, monke
     assert f"recipes/{offline}.yaml" in err and "Hugging Face Hub" in err and "ConnectionError" in err
 
 
-def test_missing_datasets_package_names_the_offline_recipe(monkeypatch):
-    from lightning_dataeff.recipes.data import _load_hf_dataset
+def test_uncached_pretrained_model_fails_before_any_data(monkeypatch, capsys):
+    from lightning_dataeff.cli import main
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(AssertionError("the data was read")))
+    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "model.pretrained=nobody/no-model",
+                 "trainer.accelerator=cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "model config 'nobody/no-model'" in err and "recipes/gpt2-tiny.yaml" in err
+
+
+def test_pretrained_config_checked_against_the_data_before_any_data(monkeypatch, capsys):
+    from lightning_dataeff.cli import main
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(AssertionError("the data was read")))
+    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "data.seq_len=2048",
+                 "trainer.accelerator=cpu"]) == 2  # a recipe error
+    err = capsys.readouterr().err.strip()
+    assert err == ("dataeff: error: invalid value for 'model.config.n_positions': 1024 positions are fewer than "
+                   "data.seq_len=2048")
+
+
+def test_malformed_pretrained_name_is_refused(capsys):
+    from lightning_dataeff.cli import main
+
+    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "model.pretrained='a b/c d'",
+                 "trainer.accelerator=cpu"]) == 2  # a recipe error
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dataeff: error: invalid value for 'model.pretrained': Repo id must use alphanumeric")
+    assert len(err.splitlines()) == 1 and "'a b/c d'" in err
+
+
+def test_missing_datasets_package_names_the_offline_recipe(monkeypatch, capsys):
+    from lightning_dataeff.cli import main
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    with pytest.raises(HubUnavailableError, match=r"lightning-dataeff\[hf\].*recipes/gpt2-tiny.yaml"):
-        _load_hf_dataset("hf:Salesforce/wikitext:wikitext-2-raw-v1", "causal_lm")
+    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "trainer.accelerator=cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lightning-dataeff[hf]" in err and "recipes/gpt2-tiny.yaml" in err
 
 
 @pytest.mark.parametrize("task, cls, offline", [
@@ -126,15 +159,17 @@ def test_unreachable_hub_model_names_the_offline_recipe(task, cls, offline, monk
         build_hf_model(task, "some/model", {}, num_labels=10)
 
 
-def test_hub_tokenizer_error_names_the_offline_recipe(monkeypatch):
+def test_hub_tokenizer_error_names_the_offline_recipe(monkeypatch, capsys, tmp_path):
     import transformers
 
-    from lightning_dataeff.recipes.data import _Encoder
+    from lightning_dataeff.cli import main
 
     offline = lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))  # noqa: E731
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(HubUnavailableError, match="tokenizer 'gpt2'.*recipes/gpt2-tiny.yaml"):
-        _Encoder("gpt2", ["text"], 300, None)
+    assert main(["fit", str(ROOT / "recipes" / "gpt2-tiny.yaml"), "data.tokenizer=gpt2",
+                 f"output_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer 'gpt2'" in err and "recipes/gpt2-tiny.yaml" in err
 
 
 def test_analyze_command_writes_the_analysis(tmp_path):

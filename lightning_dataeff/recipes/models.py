@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 from typing import Any
 
@@ -29,7 +30,7 @@ __all__ = [
     "build_hf_model",
     "build_config",
     "check_config_keys",
-    "cached_pretrained_config",
+    "pretrained_config",
     "check_model_config",
     "model_seq_len",
     "count_blocks",
@@ -88,13 +89,24 @@ def build_config(task: str, config: dict[str, Any], key: str = "model.config", *
         raise _config_error(exc, key) from None
 
 
-def cached_pretrained_config(task: str, pretrained: str, config: dict[str, Any]) -> Any | None:
-    """A pretrained model's config from the local Hugging Face cache (no download), or None when not cached."""
+def pretrained_config(task: str, pretrained: str, config: dict[str, Any]) -> Any:
+    """A pretrained model's config (no weights): from the local Hugging Face cache, else downloaded alone, so a
+    wrong name or a config the data does not fit fails before any data is read."""
     _, cfg_cls = _classes(task)
+    if not os.path.isdir(pretrained):  # a local model directory, else a Hub repo id
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(pretrained)
+        except HFValidationError as exc:
+            raise RecipeError(f"invalid value for 'model.pretrained': {_one_line(exc)}") from None
     try:
         return cfg_cls.from_pretrained(pretrained, local_files_only=True, **config)
-    except Exception:  # not cached (OSError), or no Hub packages: checked after loading instead
-        return None
+    except OSError:  # not cached
+        return hub_call(f"model config {pretrained!r}", lambda: cfg_cls.from_pretrained(pretrained, **config),
+                        OFFLINE_RECIPES[task])
+    except Exception as exc:  # a config value the class refuses
+        raise _config_error(exc, "model.config") from None
 
 
 def build_hf_model(task: str, pretrained: str | None, config: dict[str, Any], **defaults: Any) -> nn.Module:

@@ -20,11 +20,11 @@ from lightning_dataeff.callbacks import CurriculumLearning, RandomLTD, SeqLength
 from lightning_dataeff.recipes.config import RecipeConfig, RecipeError, _one_line
 from lightning_dataeff.recipes.models import (
     build_config,
-    cached_pretrained_config,
     check_config_keys,
     check_model_config,
     count_blocks,
     model_seq_len,
+    pretrained_config,
 )
 
 __all__ = [
@@ -60,14 +60,14 @@ def check_run_end(recipe: RecipeConfig) -> None:
         )
 
 
-def model_config(recipe: RecipeConfig) -> Any | None:
+def model_config(recipe: RecipeConfig) -> Any:
     """The Hugging Face config the model will have, without weights, checked against the data
-    (:func:`~lightning_dataeff.recipes.models.check_model_config`). A pretrained model's config is read from the
-    local Hugging Face cache only; None when it is not there (the model is then checked once loaded)."""
+    (:func:`~lightning_dataeff.recipes.models.check_model_config`). A pretrained model's config comes from the
+    local Hugging Face cache, else is downloaded alone (:func:`~lightning_dataeff.recipes.models.pretrained_config`)."""
     m, d = recipe.model, recipe.data
     if m.pretrained:
         check_config_keys(recipe.task, m.config)
-        cfg = cached_pretrained_config(recipe.task, m.pretrained, m.config)
+        cfg = pretrained_config(recipe.task, m.pretrained, m.config)
     elif recipe.task == "causal_lm":
         # vocab_size and the special tokens come from the tokenizer: data.vocab_size bounds a trained one
         cfg = build_config("causal_lm", m.config, vocab_size=d.vocab_size, n_positions=d.seq_len, bos_token_id=None,
@@ -75,8 +75,7 @@ def model_config(recipe: RecipeConfig) -> Any | None:
     else:
         cfg = build_config("image_classification", m.config, num_labels=2, image_size=d.image_size,
                            num_channels=d.num_channels)
-    if cfg is not None:
-        check_model_config(recipe.task, cfg, d)
+    check_model_config(recipe.task, cfg, d)
     return cfg
 
 

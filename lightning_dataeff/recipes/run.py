@@ -39,7 +39,6 @@ from lightning_dataeff.recipes.models import (
     ImageClassifierModule,
     RecipeModule,
     build_hf_model,
-    check_model_config,
     count_blocks,
 )
 from lightning_dataeff.recipes.rundir import (
@@ -294,7 +293,7 @@ class RunPlan:
     trainer: L.Trainer
     budget: Any  # TokenBudget
     metrics: MetricsCSV
-    model_config: Any | None  # None: a pretrained model not in the local cache, checked once loaded
+    model_config: Any  # the Hugging Face config the model will have (checked against the data and callbacks)
     origins: dict[int, str]
     ckpt_path: str | None = None
     rank_zero: bool = True
@@ -330,8 +329,9 @@ def validate_run(
         recipe = copy.deepcopy(recipe)
         recipe.optim.schedule = "layer_tokens"
     origins: dict[int, str] = {}
-    cfg = preflight.model_config(recipe)
-    per_step = layer_tokens_per_step(recipe, cfg) if cfg is not None else None
+    preflight.check_data_source(recipe)
+    cfg = preflight.model_config(recipe)  # a pretrained model's config may come from the Hub: after the local checks
+    per_step = layer_tokens_per_step(recipe, cfg)
     callbacks = build_callbacks(
         recipe,
         imported.callbacks if imported else (),
@@ -342,9 +342,7 @@ def validate_run(
     for cb in imported.callbacks if imported else ():
         section = preflight.DEEPSPEED_SECTIONS.get(type(cb), type(cb).__name__)
         origins[id(cb)] = f"invalid DeepSpeed config {ds_path}, {section}"
-    if cfg is not None:
-        preflight.check_callbacks(recipe, callbacks, cfg, origins)
-    preflight.check_data_source(recipe)
+    preflight.check_callbacks(recipe, callbacks, cfg, origins)
     budget = TokenBudget(
         max_layer_tokens=recipe.budget.max_layer_tokens,
         max_tokens=recipe.budget.max_tokens,
@@ -419,9 +417,6 @@ def _train(plan: RunPlan) -> dict[str, Any]:
     dm = build_datamodule(recipe)
     dm.setup("fit")
     module = build_module(recipe, dm)
-    if plan.model_config is None:  # a pretrained model whose config was not cached: its checks run now
-        check_model_config(recipe.task, module.model.config, recipe.data)
-        preflight.check_callbacks(recipe, list(trainer.callbacks), module.model.config, plan.origins)
     if plan.rank_zero:
         (out / "config.yaml").write_text(recipe_to_yaml(recipe))
     diverged: TrainingDiverged | None = None
