@@ -337,6 +337,7 @@ CASES: list[BadInput] = [
     BadInput("no-blocks", "model", ("model.config.n_layer=0",), ("'model.config.n_layer'",)),
     BadInput("width-zero", "model", ("model.config.n_embd=0",), ("'model.config.n_embd'",)),
     BadInput("config-key-typo", "model", ("model.config.n_layers=2",), ("'model.config.n_layers'", "n_layer")),
+    BadInput("pretrained-name-malformed", "model", ("model.pretrained='a b/c'",), ("'model.pretrained'", "Repo id")),
     BadInput("vocab-below-tokenizer", "model", ("model.config.vocab_size=100",), ("'model.config.vocab_size'",)),
     BadInput("dropout-above-1", "model", ("model.config.resid_pdrop=1.5",), ("'model.config.resid_pdrop'",)),
     BadInput("inner-negative", "model", ("model.config.n_inner=-1",), ("'model.config.n_inner'",)),

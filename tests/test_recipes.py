@@ -124,16 +124,6 @@ def test_pretrained_config_checked_against_the_data_before_any_data(monkeypatch,
                    "data.seq_len=2048")
 
 
-def test_malformed_pretrained_name_is_refused(capsys):
-    from lightning_dataeff.cli import main
-
-    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "model.pretrained='a b/c d'",
-                 "trainer.accelerator=cpu"]) == 2  # a recipe error
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("dataeff: error: invalid value for 'model.pretrained': Repo id must use alphanumeric")
-    assert len(err.splitlines()) == 1 and "'a b/c d'" in err
-
-
 def test_missing_datasets_package_names_the_offline_recipe(monkeypatch, capsys):
     from lightning_dataeff.cli import main
 
