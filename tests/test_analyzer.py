@@ -609,7 +609,7 @@ def torchrun(out, mode, script="analyze_ddp.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, str(out),
            mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
-    return proc, [json.load(open(p)) for p in (out / f"rank{r}.json" for r in range(2)) if p.exists()]
+    return proc, {r: json.load(open(p)) for r, p in ((r, out / f"rank{r}.json") for r in range(2)) if p.exists()}
 
 
 @pytest.mark.slow
@@ -625,7 +625,7 @@ def test_torchrun_two_ranks_identical_to_one_process(tmp_path):
             chunk_size=analyze_ddp.CHUNK, progress=False, distributed=False)
     assert files(tmp_path / "ddp" / "analysis") == files(tmp_path / "one")
     assert reports[0]["seqlen_sum"] == reports[1]["seqlen_sum"] > 0  # every rank got the analysis back
-    assert [r["chunks"] for r in reports] == [[0, 2, 4], [1, 3, 5]]  # each rank read its own shard only
+    assert [reports[r]["chunks"] for r in range(2)] == [[0, 2, 4], [1, 3, 5]]  # each rank read its own shard only
 
 
 @pytest.mark.slow
@@ -647,6 +647,7 @@ def test_torchrun_prepare_data_fails_within_join_timeout(tmp_path):
     assert proc.returncode != 0
     assert "waited 5 s (join_timeout) for all 2 ranks" in report["error"]
     assert "pass distributed=False" in report["error"]
+    assert 4.5 <= report["seconds"] < 60  # failed at the join timeout, not later
 
 
 @pytest.mark.slow

@@ -124,6 +124,42 @@ def test_pretrained_config_checked_against_the_data_before_any_data(monkeypatch,
                    "data.seq_len=2048")
 
 
+def fit_exit(capsys, *overrides):
+    """``dataeff fit recipes/gpt2-finetune.yaml`` on CPU: the exit code and the one-line error."""
+    from lightning_dataeff.cli import main
+
+    code = main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "trainer.accelerator=cpu", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return code, err
+
+
+def test_pretrained_config_value_refused_as_a_recipe_error(capsys):
+    code, err = fit_exit(capsys, "model.config.n_layer=abc")
+    assert code == 2 and "'model.config.n_layer'" in err
+
+
+def test_pretrained_directory_without_config_refused(capsys, tmp_path):
+    code, err = fit_exit(capsys, f"model.pretrained={tmp_path}")
+    assert code == 2 and err.endswith(f"the directory '{tmp_path}' has no config.json")
+
+
+def test_pretrained_name_not_on_the_hub_refused(capsys, monkeypatch):
+    import transformers
+
+    real = transformers.GPT2Config.from_pretrained.__func__
+
+    def from_pretrained(cls, name, *args, local_files_only=False, **kwargs):
+        if name == "nobody/no-model" and not local_files_only:  # what transformers raises for a missing repo
+            raise OSError("nobody/no-model is not a local folder and is not a valid model identifier listed on "
+                          "'https://huggingface.co/models'")
+        return real(cls, name, *args, local_files_only=local_files_only, **kwargs)
+
+    monkeypatch.setattr(transformers.GPT2Config, "from_pretrained", classmethod(from_pretrained))
+    code, err = fit_exit(capsys, "model.pretrained=nobody/no-model")
+    assert code == 2 and "invalid value for 'model.pretrained': no model 'nobody/no-model' on the Hugging Face" in err
+
+
 def test_missing_datasets_package_names_the_offline_recipe(monkeypatch, capsys):
     from lightning_dataeff.cli import main
 

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import warnings
 import zlib
 from collections import defaultdict
@@ -142,7 +143,7 @@ def analyze(
     shard_id: int | None = None,
     num_shards: int | None = None,
     distributed: bool | None = None,
-    join_timeout: float = 600.0,
+    join_timeout: float = 1800.0,
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, MetricAnalysis] | None:
@@ -170,8 +171,8 @@ def analyze(
             ``WORLD_SIZE``, every rank analyzes its shard and rank 0 merges; every rank must call
             ``analyze`` and ``output_dir`` must be on a filesystem all ranks share. ``False``: this process
             alone does everything; ``True``: require a distributed run.
-        join_timeout: seconds rank 0 waits for every rank to reach ``analyze`` in a distributed run before
-            it fails naming the cause (e.g. a call from ``prepare_data``, which only one rank per node runs).
+        join_timeout: seconds the ranks of a distributed run wait for every rank to reach ``analyze`` before
+            they fail naming the cause (e.g. a call from ``prepare_data``, which only one rank per node runs).
         progress: a progress bar per phase, and where the outputs are at the end (stderr).
         overwrite: recompute even if a complete analysis with the same settings exists.
 
@@ -336,6 +337,10 @@ def _dist() -> Any:
     return dist
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def _callable_name(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
@@ -490,22 +495,31 @@ class _Ranks:
         self.rank, self.world = rank, world
         self.dist = _dist()
         self.created = not self.dist.is_initialized()
-        timeout = timedelta(seconds=join_timeout)
+        self.group = None
+        timeout, start, hello = timedelta(seconds=join_timeout), time.monotonic(), None
         try:
             if self.created:  # torchrun's env:// rendezvous
                 self.dist.init_process_group("gloo", timeout=timeout)
+                self.dist.monitored_barrier(timeout=timeout)  # bounded even where gloo connects lazily
             else:  # e.g. NCCL set up by the training script: a gloo handshake of its own
                 hello = self.dist.new_group(backend="gloo", timeout=timeout)
                 self.dist.monitored_barrier(hello, timeout=timeout)
-                self.dist.destroy_process_group(hello)
-        except RuntimeError as e:
+            self.group = self.dist.new_group(backend="gloo", timeout=_RANK_TIMEOUT)
+        except Exception as e:
+            self.close()
+            waited = time.monotonic() - start
+            if waited < 0.9 * join_timeout:
+                raise RuntimeError(f"analyze: rank {rank} could not join the other {world - 1} ranks: "
+                                   f"{type(e).__name__}: {_first_line(e)}") from e
             raise RuntimeError(
                 f"analyze: rank {rank} waited {join_timeout:g} s (join_timeout) for all {world} ranks to call "
-                f"analyze ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). In a distributed run "
-                "every rank must call it; from a LightningDataModule's prepare_data, which only one rank per node "
-                "runs, pass distributed=False (or call analyze in setup)"
-            ) from None
-        self.group = self.dist.new_group(backend="gloo", timeout=_RANK_TIMEOUT)
+                f"analyze ({type(e).__name__}: {_first_line(e)}). In a distributed run every rank must call it; "
+                "from a LightningDataModule's prepare_data, which only one rank per node runs, pass "
+                "distributed=False (or call analyze in setup); if the ranks are only slow, raise join_timeout"
+            ) from e
+        finally:
+            if hello is not None:
+                self.dist.destroy_process_group(hello)
 
     def step(self, fn: Callable[[], Any], on: int | None = None) -> Any:
         """Run ``fn`` on rank ``on`` (every rank if None), then wait for all; returns rank ``on``'s result.
@@ -530,9 +544,12 @@ class _Ranks:
         return report[on][1] if on is not None else None
 
     def close(self) -> None:
-        self.dist.destroy_process_group(self.group)
-        if self.created:
+        if self.group is not None:
+            self.dist.destroy_process_group(self.group)
+            self.group = None
+        if self.created and self.dist.is_initialized():
             self.dist.destroy_process_group()
+            self.created = False
 
 
 def _analyze_rank(job: _Job, counts: np.ndarray | None, workers: int, overwrite: bool, progress: bool,

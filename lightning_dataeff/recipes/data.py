@@ -27,6 +27,7 @@ __all__ = [
     "ImageDataModule",
     "cache_root",
     "hub_call",
+    "hub_error",
     "OFFLINE_RECIPES",
     "IMAGE_SUFFIXES",
     "image_files",
@@ -50,17 +51,22 @@ def hub_call(what: str, fn: Callable[[], Any], offline_recipe: str) -> Any:
     """Run a Hub download; any failure becomes a :class:`HubUnavailableError` that names the offline recipe."""
     try:
         return fn()
-    except ImportError as exc:
-        raise HubUnavailableError(
+    except Exception as exc:  # network errors differ across datasets/huggingface_hub versions
+        raise hub_error(what, exc, offline_recipe) from None
+
+
+def hub_error(what: str, exc: Exception, offline_recipe: str) -> HubUnavailableError:
+    """The :class:`HubUnavailableError` for a failed Hub download of ``what`` (missing packages or no access)."""
+    if isinstance(exc, ImportError):
+        return HubUnavailableError(
             f"loading {what} needs the Hugging Face packages ({exc.name or exc}); "
             f"install them with pip install 'lightning-dataeff[hf]', or use the offline recipe {offline_recipe}"
-        ) from None
-    except Exception as exc:  # network errors differ across datasets/huggingface_hub versions
-        first = _one_line(exc)[:200]
-        raise HubUnavailableError(
-            f"could not load {what} from the Hugging Face Hub ({type(exc).__name__}: {first}); this recipe needs "
-            f"internet access (nothing is substituted), for an offline run use {offline_recipe}"
-        ) from None
+        )
+    first = _one_line(exc)[:200]
+    return HubUnavailableError(
+        f"could not load {what} from the Hugging Face Hub ({type(exc).__name__}: {first}); this recipe needs "
+        f"internet access (nothing is substituted), for an offline run use {offline_recipe}"
+    )
 
 
 def _parse_hf(source: str) -> tuple[str, str | None]:

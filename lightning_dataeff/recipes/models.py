@@ -21,7 +21,7 @@ import torchmetrics
 from torch import nn
 
 from lightning_dataeff.recipes.config import OptimConfig, RecipeError, _one_line
-from lightning_dataeff.recipes.data import OFFLINE_RECIPES, hub_call
+from lightning_dataeff.recipes.data import OFFLINE_RECIPES, hub_call, hub_error
 
 __all__ = [
     "RecipeModule",
@@ -90,23 +90,43 @@ def build_config(task: str, config: dict[str, Any], key: str = "model.config", *
 
 
 def pretrained_config(task: str, pretrained: str, config: dict[str, Any]) -> Any:
-    """A pretrained model's config (no weights): from the local Hugging Face cache, else downloaded alone, so a
-    wrong name or a config the data does not fit fails before any data is read."""
+    """A pretrained model's config (no weights) with ``config`` applied: from a local directory or the local Hugging
+    Face cache, else its ``config.json`` downloaded alone, so a wrong name or a config the data does not fit fails
+    before any data is read."""
     _, cfg_cls = _classes(task)
-    if not os.path.isdir(pretrained):  # a local model directory, else a Hub repo id
+    local = os.path.isdir(pretrained)
+    if local and not os.path.isfile(os.path.join(pretrained, "config.json")):
+        raise RecipeError(f"invalid value for 'model.pretrained': the directory {pretrained!r} has no config.json")
+    if not local:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         try:
             validate_repo_id(pretrained)
         except HFValidationError as exc:
-            raise RecipeError(f"invalid value for 'model.pretrained': {_one_line(exc)}") from None
+            raise RecipeError(f"invalid value for 'model.pretrained': {pretrained!r} is neither an existing directory "
+                              f"nor a Hugging Face repo id ({_one_line(exc)})") from None
+        try:
+            cfg_cls.from_pretrained(pretrained, local_files_only=True)
+        except OSError:  # not cached: fetch config.json alone (a wrong config value is not a Hub error)
+            try:
+                cfg_cls.from_pretrained(pretrained)
+            except Exception as exc:
+                if _repo_missing(exc):
+                    raise RecipeError(f"invalid value for 'model.pretrained': no model {pretrained!r} on the Hugging "
+                                      "Face Hub (or it is private: log in with huggingface-cli login)") from None
+                raise hub_error(f"model config {pretrained!r}", exc, OFFLINE_RECIPES[task]) from None
     try:
         return cfg_cls.from_pretrained(pretrained, local_files_only=True, **config)
-    except OSError:  # not cached
-        return hub_call(f"model config {pretrained!r}", lambda: cfg_cls.from_pretrained(pretrained, **config),
-                        OFFLINE_RECIPES[task])
     except Exception as exc:  # a config value the class refuses
         raise _config_error(exc, "model.config") from None
+
+
+def _repo_missing(exc: BaseException) -> bool:
+    """The Hub answered that the repository does not exist (transformers wraps huggingface_hub's error in OSError)."""
+    chain = [exc, exc.__cause__, exc.__context__]
+    return any(type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError") for e in chain if e is not None) or (
+        "is not a valid model identifier" in str(exc)
+    )
 
 
 def build_hf_model(task: str, pretrained: str | None, config: dict[str, Any], **defaults: Any) -> nn.Module:

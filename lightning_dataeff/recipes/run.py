@@ -39,6 +39,7 @@ from lightning_dataeff.recipes.models import (
     ImageClassifierModule,
     RecipeModule,
     build_hf_model,
+    check_model_config,
     count_blocks,
 )
 from lightning_dataeff.recipes.rundir import (
@@ -311,10 +312,11 @@ def validate_run(
 
     Checks the recipe (:func:`~lightning_dataeff.recipes.config.validate`, also for one built in Python), that the
     run ends, ``output_dir`` (usable; not another live run's; no earlier run's outputs unless
-    ``resume=true``), the DeepSpeed config, the callbacks (their constructors, then against the model they will
-    patch), the model config against the data (a config object, no weights), the data source's layout, the
-    Trainer (built here, so Lightning's own checks run) and, with ``resume=true``, the checkpoint to resume from
-    (the newest intact one). Nothing is written. ``label`` heads the run's progress bar.
+    ``resume=true``), the DeepSpeed config, the data source's layout, the model config against the data (a config
+    object, no weights; a pretrained model's ``config.json`` alone is downloaded if not cached), the callbacks
+    (their constructors, then against the model they will patch), the Trainer (built here, so Lightning's own
+    checks run) and, with ``resume=true``, the checkpoint to resume from (the newest intact one). Nothing is
+    written but the Hub cache. ``label`` heads the run's progress bar.
     """
     from lightning_dataeff.callbacks import TokenBudget
     from lightning_dataeff.recipes.console import RunProgress
@@ -330,7 +332,7 @@ def validate_run(
         recipe.optim.schedule = "layer_tokens"
     origins: dict[int, str] = {}
     preflight.check_data_source(recipe)
-    cfg = preflight.model_config(recipe)  # a pretrained model's config may come from the Hub: after the local checks
+    cfg = preflight.model_config(recipe)  # a pretrained model's config.json may be downloaded here
     per_step = layer_tokens_per_step(recipe, cfg)
     callbacks = build_callbacks(
         recipe,
@@ -417,6 +419,9 @@ def _train(plan: RunPlan) -> dict[str, Any]:
     dm = build_datamodule(recipe)
     dm.setup("fit")
     module = build_module(recipe, dm)
+    if recipe.model.pretrained:  # the loaded model against the data again: cheap, and the weights' config decides
+        check_model_config(recipe.task, module.model.config, recipe.data)
+        preflight.check_callbacks(recipe, list(trainer.callbacks), module.model.config, plan.origins)
     if plan.rank_zero:
         (out / "config.yaml").write_text(recipe_to_yaml(recipe))
     diverged: TrainingDiverged | None = None

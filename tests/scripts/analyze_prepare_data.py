@@ -4,12 +4,13 @@ Usage: torchrun --standalone --nproc_per_node 2 analyze_prepare_data.py OUT_DIR 
 (launched by tests/test_analyzer.py). ``prepare_data`` runs on one rank per node only, so with the default
 ``distributed=None`` rank 0 must fail within ``join_timeout`` naming the cause instead of waiting for a rank
 that never calls ``analyze``; with ``distributed=False`` (``local``) rank 0 analyzes alone and the fit runs.
-Rank 0 writes ``rank0.json`` (its error, or the analysis it got).
+Rank 0 writes ``rank0.json`` (its error and the seconds the fit took to fail, or the analysis it got).
 """
 
 import json
 import os
 import sys
+import time
 
 import lightning.pytorch as pl
 import numpy as np
@@ -56,11 +57,12 @@ class Model(pl.LightningModule):
 def main(out, mode):
     trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    start = time.monotonic()
     try:
         trainer.fit(Model(), datamodule=Data(out, mode))
-    except Exception as e:  # the test reads rank 0's error
+    except Exception as e:  # the test reads rank 0's error and how long the fit took to fail
         with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"error": f"{type(e).__name__}: {e}"}, f)
+            json.dump({"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}, f)
         return 1
     return 0
 
