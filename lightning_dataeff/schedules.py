@@ -63,16 +63,12 @@ def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     return check_int(name, value, minimum, allow_float=True)
 
 
-def _check_root_degree(name: str, value: Any) -> float:
-    return check_positive(name, value)
-
-
 def check_ramp_type(schedule_type: Any, root_degree: Any = 1, where: str = "") -> float:
     """A length ramp's ``schedule_type`` (one of :data:`RAMP_TYPES`) and ``root_degree`` (a positive finite number,
     and 1 unless ``fixed_root``); returns the root degree. ``where`` prefixes the key names in messages."""
     if schedule_type not in RAMP_TYPES:
         raise ValueError(f"{where}schedule_type must be one of {', '.join(RAMP_TYPES)}; got {schedule_type!r}")
-    root_degree = _check_root_degree(f"{where}root_degree", root_degree)
+    root_degree = check_positive(f"{where}root_degree", root_degree)
     if schedule_type == "fixed_linear" and root_degree != 1:
         raise ValueError(f"{where}root_degree needs schedule_type='fixed_root' (got {root_degree} with fixed_linear)")
     return root_degree
@@ -107,7 +103,7 @@ class FixedRoot(Schedule):
             )
         _check_int("total_steps", self.total_steps, minimum=1)
         _check_int("step_size", self.step_size, minimum=1)
-        _check_root_degree("root_degree", self.root_degree)
+        check_positive("root_degree", self.root_degree)
 
     def _floor_value(self) -> int:
         return min(_round_up(self.min_value, self.step_size), self.max_value)
@@ -272,7 +268,7 @@ def build_schedule(config: Mapping[str, Any], *, custom_fn: Callable[[int], int]
     step_size = _check_int(step, _need(keys["step"], sc, stype, "schedule_config."), minimum=1)
     root = 1
     if stype == "fixed_root":
-        root = _check_root_degree("schedule_config.root_degree", _need("root_degree", sc, stype, "schedule_config."))
+        root = check_positive("schedule_config.root_degree", _need("root_degree", sc, stype, "schedule_config."))
     return FixedRoot(lo, hi, total, step_size, root)
 
 
@@ -351,7 +347,7 @@ class LengthRamp:
         self.step_size = check_int(n["step_size"], step_size, 1)
         if self.max_value is not None and self.min_value > self.max_value:
             raise ValueError(f"{n['min_value']} ({min_value}) must be <= {n['max_value']} ({max_value})")
-        self.root_degree = _check_root_degree("root_degree", root_degree)
+        self.root_degree = check_positive("root_degree", root_degree)
         if self.max_value is not None and self._collapses(self.max_value):
             raise ValueError(
                 f"{n['step_size']} ({step_size}) is too large for {n['max_value']} ({max_value}): lengths are "

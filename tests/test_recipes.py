@@ -102,28 +102,6 @@ def test_unreachable_hub_dataset_names_the_offline_recipe(recipe, offline, monke
     assert f"recipes/{offline}.yaml" in err and "Hugging Face Hub" in err and "ConnectionError" in err
 
 
-def test_uncached_pretrained_model_fails_before_any_data(monkeypatch, capsys):
-    from lightning_dataeff.cli import main
-
-    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(AssertionError("the data was read")))
-    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "model.pretrained=nobody/no-model",
-                 "trainer.accelerator=cpu"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "model config 'nobody/no-model'" in err and "recipes/gpt2-tiny.yaml" in err
-
-
-def test_pretrained_config_checked_against_the_data_before_any_data(monkeypatch, capsys):
-    from lightning_dataeff.cli import main
-
-    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(AssertionError("the data was read")))
-    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "data.seq_len=2048",
-                 "trainer.accelerator=cpu"]) == 2  # a recipe error
-    err = capsys.readouterr().err.strip()
-    assert err == ("dataeff: error: invalid value for 'model.config.n_positions': 1024 positions are fewer than "
-                   "data.seq_len=2048")
-
-
 def fit_exit(capsys, *overrides):
     """``dataeff fit recipes/gpt2-finetune.yaml`` on CPU: the exit code and the one-line error."""
     from lightning_dataeff.cli import main
@@ -132,6 +110,20 @@ def fit_exit(capsys, *overrides):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     return code, err
+
+
+def test_uncached_pretrained_model_fails_before_any_data(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(AssertionError("the data was read")))
+    code, err = fit_exit(capsys, "model.pretrained=nobody/no-model")
+    assert code == 1 and "model config 'nobody/no-model'" in err and "recipes/gpt2-tiny.yaml" in err
+
+
+def test_pretrained_config_checked_against_the_data_before_any_data(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(AssertionError("the data was read")))
+    code, err = fit_exit(capsys, "data.seq_len=2048")
+    assert code == 2  # a recipe error
+    assert err == ("dataeff: error: invalid value for 'model.config.n_positions': 1024 positions are fewer than "
+                   "data.seq_len=2048")
 
 
 def test_pretrained_config_value_refused_as_a_recipe_error(capsys):
@@ -161,12 +153,9 @@ def test_pretrained_name_not_on_the_hub_refused(capsys, monkeypatch):
 
 
 def test_missing_datasets_package_names_the_offline_recipe(monkeypatch, capsys):
-    from lightning_dataeff.cli import main
-
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    assert main(["fit", str(ROOT / "recipes" / "gpt2-finetune.yaml"), "trainer.accelerator=cpu"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "lightning-dataeff[hf]" in err and "recipes/gpt2-tiny.yaml" in err
+    code, err = fit_exit(capsys)
+    assert code == 1 and "lightning-dataeff[hf]" in err and "recipes/gpt2-tiny.yaml" in err
 
 
 @pytest.mark.parametrize("task, cls, offline", [

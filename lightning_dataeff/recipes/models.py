@@ -94,31 +94,42 @@ def pretrained_config(task: str, pretrained: str, config: dict[str, Any]) -> Any
     Face cache, else its ``config.json`` downloaded alone, so a wrong name or a config the data does not fit fails
     before any data is read."""
     _, cfg_cls = _classes(task)
-    local = os.path.isdir(pretrained)
-    if local and not os.path.isfile(os.path.join(pretrained, "config.json")):
-        raise RecipeError(f"invalid value for 'model.pretrained': the directory {pretrained!r} has no config.json")
-    if not local:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if os.path.isdir(pretrained):
+        if not os.path.isfile(os.path.join(pretrained, "config.json")):
+            raise RecipeError(f"invalid value for 'model.pretrained': the directory {pretrained!r} has no config.json")
+    else:
+        _check_repo_id(pretrained)
+    try:
+        return _local_config(cfg_cls, pretrained, config)
+    except OSError:  # a repo id not in the local cache: fetch config.json alone
+        try:
+            cfg_cls.from_pretrained(pretrained)
+        except Exception as exc:
+            if _repo_missing(exc):
+                raise RecipeError(f"invalid value for 'model.pretrained': no model {pretrained!r} on the Hugging "
+                                  "Face Hub (or it is private: log in with huggingface-cli login)") from None
+            raise hub_error(f"model config {pretrained!r}", exc, OFFLINE_RECIPES[task]) from None
+    return _local_config(cfg_cls, pretrained, config)
 
-        try:
-            validate_repo_id(pretrained)
-        except HFValidationError as exc:
-            raise RecipeError(f"invalid value for 'model.pretrained': {pretrained!r} is neither an existing directory "
-                              f"nor a Hugging Face repo id ({_one_line(exc)})") from None
-        try:
-            cfg_cls.from_pretrained(pretrained, local_files_only=True)
-        except OSError:  # not cached: fetch config.json alone (a wrong config value is not a Hub error)
-            try:
-                cfg_cls.from_pretrained(pretrained)
-            except Exception as exc:
-                if _repo_missing(exc):
-                    raise RecipeError(f"invalid value for 'model.pretrained': no model {pretrained!r} on the Hugging "
-                                      "Face Hub (or it is private: log in with huggingface-cli login)") from None
-                raise hub_error(f"model config {pretrained!r}", exc, OFFLINE_RECIPES[task]) from None
+
+def _local_config(cfg_cls: type, pretrained: str, config: dict[str, Any]) -> Any:
+    """The config from disk with ``config`` applied; ``OSError`` when it is not there (a refused value: RecipeError)."""
     try:
         return cfg_cls.from_pretrained(pretrained, local_files_only=True, **config)
+    except OSError:
+        raise
     except Exception as exc:  # a config value the class refuses
         raise _config_error(exc, "model.config") from None
+
+
+def _check_repo_id(pretrained: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(pretrained)
+    except HFValidationError as exc:
+        raise RecipeError(f"invalid value for 'model.pretrained': {pretrained!r} is neither an existing directory "
+                          f"nor a Hugging Face repo id ({_one_line(exc)})") from None
 
 
 def _repo_missing(exc: BaseException) -> bool:
